@@ -1,0 +1,294 @@
+"""
+Tests for yonos: CPU only, offline, tiny configs. Where diffusers or transformers implement the same thing,
+the test compares numerically against them (test-only dependencies). Slow checks are marked `slow` and
+run only with `pytest -m slow`.
+"""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from model import (UNET_PRESETS, CLIPTextConfig, TextEncoder, UNet, UNetConfig, empty_prompt_ids,
+                   load_checked, load_empty_prompt_context, widen_conv_in)
+from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(2)
+
+# two tiny U-Nets, one per SD family: conv projection + one head count (SD 1.x),
+# linear projection + per-level heads + upcast attention (SD 2.x)
+TINY_SD1 = UNetConfig(block_out_channels=(32, 64), attn_levels=(True, False), layers_per_block=2,
+                      num_heads=(4, 4), cross_attention_dim=24, norm_num_groups=8)
+TINY_SD2 = UNetConfig(block_out_channels=(32, 64, 64), attn_levels=(True, True, False), layers_per_block=1,
+                      num_heads=(2, 4, 8), cross_attention_dim=40, norm_num_groups=8,
+                      use_linear_projection=True, upcast_attention=True)
+TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def diffusers_unet_config(c: UNetConfig) -> dict:
+    return dict(sample_size=8, in_channels=c.in_channels, out_channels=c.out_channels,
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attn_levels],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attn_levels)],
+                block_out_channels=list(c.block_out_channels), layers_per_block=c.layers_per_block,
+                attention_head_dim=list(c.num_heads), cross_attention_dim=c.cross_attention_dim,
+                use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention,
+                norm_num_groups=c.norm_num_groups)
+
+
+def diffusers_vae_config(c: VAEConfig) -> dict:
+    n = len(c.block_out_channels)
+    return dict(block_out_channels=list(c.block_out_channels), down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, layers_per_block=c.layers_per_block,
+                norm_num_groups=c.norm_num_groups, latent_channels=c.latent_channels,
+                scaling_factor=c.scaling_factor)
+
+
+def param_count(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# -----------------------------------------------------------------------------
+# model stack: parity with diffusers / transformers
+
+
+@pytest.mark.parametrize("cfg", [TINY_SD1, TINY_SD2], ids=["sd1_family", "sd2_family"])
+def test_unet_matches_diffusers(cfg):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
+    ours = UNet(UNetConfig.from_diffusers(dict(ref.config))).eval()
+    assert ours.config == cfg
+    load_checked(ours, ref.state_dict(), "diffusers")
+    # odd latent sizes exercise the upsampler's size matching; two different timesteps in one batch
+    x, t = torch.randn(2, 4, 12, 10), torch.tensor([7, 999])
+    context = torch.randn(2, 77, cfg.cross_attention_dim)
+    with torch.no_grad():
+        expected, got = ref(x, t, context).sample, ours(x, t, context)
+    assert expected.std() > 0.1
+    assert (expected - got).abs().max() <= 1e-4
+
+
+def test_vae_matches_diffusers():
+    from diffusers import AutoencoderKL as RefVAE
+    torch.manual_seed(0)
+    ref = RefVAE(**diffusers_vae_config(TINY_VAE)).eval()
+    ours = AutoencoderKL(VAEConfig.from_diffusers(dict(ref.config))).eval()
+    load_checked(ours, ref.state_dict(), "diffusers")
+    x, z = torch.rand(2, 3, 24, 40) * 2 - 1, torch.randn(2, 4, 12, 20)
+    with torch.no_grad():
+        post, (mean, logvar) = ref.encode(x).latent_dist, ours.encode(x)
+        expected, got = ref.decode(z).sample, ours.decode(z)
+    assert (post.mean - mean).abs().max() <= 1e-4 and (post.logvar - logvar).abs().max() <= 1e-4
+    assert expected.std() > 0.01 and (expected - got).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name,dname", [("sd15", "sd15"), ("sd21", "sd21")])
+def test_full_size_unet_has_diffusers_keys_and_shapes(name, dname):
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        ours = UNet(UNET_PRESETS[name])
+        ref = UNet2DConditionModel(**diffusers_unet_config(UNET_PRESETS[name]))
+    expected_params = {"sd15": 859_520_964, "sd21": 865_910_724}[name]
+    assert len(ours.state_dict()) == len(ref.state_dict()) == 686
+    assert param_count(ours) == param_count(ref) == expected_params
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_full_size_vae_has_diffusers_keys_and_shapes():
+    from diffusers import AutoencoderKL as RefVAE
+    with torch.device("meta"):
+        ours, ref = AutoencoderKL(VAE_PRESETS["sd"]), RefVAE(**diffusers_vae_config(VAE_PRESETS["sd"]))
+    assert len(ours.state_dict()) == len(ref.state_dict()) == 248
+    assert param_count(ours) == param_count(ref) == 83_653_863
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_unet_and_vae_match_diffusers_numerically(name):
+    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
+    torch.manual_seed(0)
+    cfg = UNET_PRESETS[name]
+    ref = UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
+    ours = UNet(cfg).eval()
+    load_checked(ours, ref.state_dict(), "diffusers")
+    x, t, context = torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, cfg.cross_attention_dim)
+    with torch.no_grad():
+        assert (ref(x, t, context).sample - ours(x, t, context)).abs().max() <= 1e-4
+    del ref, ours
+    ref = RefVAE(**diffusers_vae_config(VAE_PRESETS["sd"])).eval()
+    ours = AutoencoderKL(VAE_PRESETS["sd"]).eval()
+    load_checked(ours, ref.state_dict(), "diffusers")
+    z = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        assert (ref.decode(z).sample - ours.decode(z)).abs().max() <= 1e-4
+
+
+def tiny_clip_config(act: str) -> dict:
+    return dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act=act)
+
+
+@pytest.mark.parametrize("act,pad", [("quick_gelu", "<|endoftext|>"), ("gelu", "!")], ids=["sd1", "sd2"])
+def test_text_encoder_matches_transformers_on_empty_prompt(tmp_path, act, pad):
+    from transformers import CLIPTextModel, CLIPTextConfig as RefConfig
+    torch.manual_seed(0)
+    ref = CLIPTextModel(RefConfig(**tiny_clip_config(act))).eval()
+    write_tokenizer(tmp_path, pad)
+    tok = transformers_tokenizer(tmp_path)
+    ids = torch.tensor([tok("", padding="max_length", max_length=77).input_ids])
+    ours = TextEncoder(CLIPTextConfig.from_transformers(tiny_clip_config(act))).eval()
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in ref.state_dict().items()}
+    load_checked(ours, state, "transformers")
+    with torch.no_grad():
+        expected, got = ref(ids).last_hidden_state, ours(ids)
+    assert expected.std() > 0.1 and (expected - got).abs().max() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# loading from a local Hub cache
+
+
+VOCAB = 1000
+
+
+def write_tokenizer(folder, pad: str):
+    """A CLIP tokenizer folder as SD repos hold it (vocab.json, merges.txt, special_tokens_map.json)."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"!": 0, **{f"w{i}</w>": i for i in range(1, VOCAB - 2)}, "<|startoftext|>": VOCAB - 2,
+             "<|endoftext|>": VOCAB - 1}
+    json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
+    open(os.path.join(folder, "merges.txt"), "w").write("#version: 0.2\n")
+    json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad}, open(os.path.join(folder, "special_tokens_map.json"), "w"))
+
+
+def transformers_tokenizer(folder):
+    from transformers import CLIPTokenizer
+    special = json.load(open(os.path.join(folder, "special_tokens_map.json")))
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         pad_token=special["pad_token"])
+
+
+def make_tiny_sd_repo(root, family: str = "sd2", unet_cfg: UNetConfig | None = None, seed: int = 0):
+    """A random tiny SD repo in diffusers layout (unet/ vae/ text_encoder/ tokenizer/), written by
+    diffusers' and transformers' own save_pretrained."""
+    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextConfig as RefConfig
+    torch.manual_seed(seed)
+    unet_cfg = unet_cfg or (TINY_SD2 if family == "sd2" else TINY_SD1)
+    act, pad = ("gelu", "!") if family == "sd2" else ("quick_gelu", "<|endoftext|>")
+    clip = tiny_clip_config(act) | {"hidden_size": unet_cfg.cross_attention_dim}
+    UNet2DConditionModel(**diffusers_unet_config(unet_cfg)).save_pretrained(os.path.join(root, "unet"))
+    RefVAE(**diffusers_vae_config(TINY_VAE)).save_pretrained(os.path.join(root, "vae"))
+    CLIPTextModel(RefConfig(**clip)).save_pretrained(os.path.join(root, "text_encoder"))
+    write_tokenizer(os.path.join(root, "tokenizer"), pad)
+    return root
+
+
+def make_hub_cache(cache, repo_id: str, family: str = "sd2", **kw) -> str:
+    """Lays a repo out as huggingface_hub's cache does: models--org--name/refs/main -> snapshots/<sha>/."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    base = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    make_tiny_sd_repo(os.path.join(base, "snapshots", sha), family, **kw)
+    os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+    open(os.path.join(base, "refs", "main"), "w").write(sha)
+    return str(cache)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    return make_hub_cache(tmp_path_factory.mktemp("hub"), "org/tiny-sd", "sd2")
+
+
+HUB = dict(local_files_only=True)
+
+
+def test_from_pretrained_loads_from_local_hub_cache(hub_cache):
+    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    unet = UNet.from_pretrained("org/tiny-sd", cache_dir=hub_cache, **HUB).eval()
+    vae = AutoencoderKL.from_pretrained("org/tiny-sd", cache_dir=hub_cache, **HUB).eval()
+    context = load_empty_prompt_context("org/tiny-sd", cache_dir=hub_cache, **HUB)
+    snap = os.path.join(hub_cache, "models--org--tiny-sd", "snapshots", os.listdir(
+        os.path.join(hub_cache, "models--org--tiny-sd", "snapshots"))[0])
+    ref_unet = UNet2DConditionModel.from_pretrained(snap, subfolder="unet").eval()
+    ref_vae = RefVAE.from_pretrained(snap, subfolder="vae").eval()
+    ref_text = CLIPTextModel.from_pretrained(os.path.join(snap, "text_encoder")).eval()
+    ids = torch.tensor([transformers_tokenizer(os.path.join(snap, "tokenizer"))(
+        "", padding="max_length", max_length=77).input_ids])
+    assert ids[0, 2].item() == 0  # sd2 family pads with "!"
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        expected_context = ref_text(ids).last_hidden_state
+        assert context.shape == (1, 77, TINY_SD2.cross_attention_dim)
+        assert (context - expected_context).abs().max() <= 1e-4
+        assert (ours := unet(x, t, context)).std() > 0.1
+        assert (ours - ref_unet(x, t, expected_context).sample).abs().max() <= 1e-4
+        assert (vae.decode(x) - ref_vae.decode(x).sample).abs().max() <= 1e-4
+
+
+def test_from_pretrained_reads_fp16_variant_and_legacy_vae_names(tmp_path):
+    from diffusers import AutoencoderKL as RefVAE
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    ref = RefVAE(**diffusers_vae_config(TINY_VAE))
+    half = RefVAE(**diffusers_vae_config(TINY_VAE)).half()
+    half.load_state_dict(ref.state_dict())
+    half.save_pretrained(tmp_path / "vae", variant="fp16")
+    assert load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors"))[
+        "decoder.conv_out.weight"].dtype == torch.float16
+    with pytest.raises(FileNotFoundError, match="variant='fp16'"):
+        AutoencoderKL.from_pretrained(str(tmp_path))
+    vae = AutoencoderKL.from_pretrained(str(tmp_path), variant="fp16")
+    assert torch.equal(vae.decoder.conv_out.weight, ref.decoder.conv_out.weight.half().float())
+    # the same weights under the legacy attention names (query/key/value/proj_attn)
+    legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
+              .replace("to_out.0.", "proj_attn."): v for k, v in ref.state_dict().items()}
+    assert any(".query." in k for k in legacy)
+    save_file(legacy, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae = AutoencoderKL.from_pretrained(str(tmp_path))
+    assert torch.equal(vae.encoder.mid_block.attentions[0].to_q.weight, ref.encoder.mid_block.attentions[0].to_q.weight)
+
+
+def test_from_pretrained_errors_name_the_problem(hub_cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+    with pytest.raises(FileNotFoundError, match="org/missing"):
+        UNet.from_pretrained("org/missing", cache_dir=hub_cache, **HUB)
+    with pytest.raises(FileNotFoundError, match="no subfolder 'unet_x'"):
+        UNet.from_pretrained("org/tiny-sd", subfolder="unet_x", cache_dir=hub_cache, **HUB)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a Hub repo id"):
+        UNet.from_pretrained(str(tmp_path / "nowhere" / "at" / "all"))
+    make_tiny_sd_repo(tmp_path / "repo", "sd1")
+    path = tmp_path / "repo" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    bad = dict(state, **{"conv_in.weight": torch.zeros(32, 3, 3, 3)})
+    save_file(bad, str(path))
+    with pytest.raises(ValueError, match=r"wrong shapes: conv_in.weight \(32, 3, 3, 3\) \(expected \(32, 4, 3, 3\)\)"):
+        UNet.from_pretrained(str(tmp_path / "repo"))
+    save_file(dict(state, **{"extra.weight": torch.zeros(1)}), str(path))
+    with pytest.raises(ValueError, match="1 unexpected keys: extra.weight"):
+        UNet.from_pretrained(str(tmp_path / "repo"))
+    del state["conv_out.bias"]
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="1 missing keys: conv_out.bias"):
+        UNet.from_pretrained(str(tmp_path / "repo"))
+
+
+def test_empty_prompt_ids_follow_each_family():
+    assert empty_prompt_ids(998, 999, 999)[0, :4].tolist() == [998, 999, 999, 999]
+    assert empty_prompt_ids(998, 999, 0)[0, :4].tolist() == [998, 999, 0, 0]
+
+
+def test_widen_conv_in_leaves_output_bit_identical():
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD1).eval()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(1, 77, 24)
+    with torch.no_grad():
+        before = unet(x, t, context)
+        widen_conv_in(unet, 8)
+        assert unet.conv_in.weight.shape == (32, 8, 3, 3) and unet.config.in_channels == 8
+        for extra in (torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 8, 8) * 100):
+            assert torch.equal(unet(torch.cat([x, extra], 1), t, context), before)

@@ -1,0 +1,182 @@
+"""
+The Stable Diffusion autoencoder (AutoencoderKL) in plain PyTorch, with diffusers' parameter names.
+
+encode(x) gives the mean and log-variance of the latent posterior for an image x in [-1, 1];
+decode(z) maps an unscaled latent back to an image. The U-Net works on z * scaling_factor (SD: 0.18215),
+which the caller applies; the factor lives in VAEConfig. It reuses model.py's blocks.
+
+References:
+  Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv 2112.10752
+  Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv 1312.6114
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Attention, Downsample, ResnetBlock, Upsample, fetch_pretrained, load_checked
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple = (128, 256, 512, 512)  # one level per factor 2: 4 levels -> 8x downsampling
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215  # 1 / std of SD's latents (LDM configs); the tiny VAE measures its own
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @staticmethod
+    def from_diffusers(d: dict) -> "VAEConfig":
+        """Reads a diffusers vae/config.json (a dict)."""
+        for key, ok in [("act_fn", "silu"), ("use_quant_conv", True), ("use_post_quant_conv", True),
+                        ("mid_block_add_attention", True)]:
+            if d.get(key, ok) != ok:
+                raise ValueError(f"unsupported VAE: {key}={d[key]!r} (SD uses {ok!r})")
+        return VAEConfig(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
+                         block_out_channels=tuple(d["block_out_channels"]),
+                         layers_per_block=d.get("layers_per_block", 2),
+                         latent_channels=d.get("latent_channels", 4), norm_num_groups=d.get("norm_num_groups", 32),
+                         scaling_factor=d.get("scaling_factor", 0.18215))
+
+
+VAE_PRESETS = {
+    "sd": VAEConfig(),
+    # downsamples by 4, not 8: at this width an f=8 autoencoder loses more detail than bicubic x4 does,
+    # and its reconstruction bounds everything the SR model can reach (see README, "The tiny VAE")
+    "tiny": VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, scaling_factor=1.0),
+}
+
+# legacy names some Hub VAE files still use for the mid-block attention (diffusers < 0.14)
+LEGACY_RENAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+# -----------------------------------------------------------------------------
+# blocks
+
+
+class VAEAttention(Attention):
+    """Single-head self-attention over the H*W positions of a feature map, GroupNorm first, residual."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__(ch, heads=1, bias=True)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        h = super().forward(h).transpose(1, 2).reshape(B, C, H, W)
+        return x + h
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution (diffusers UNetMidBlock2D)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, None, groups, 1e-6) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Level(nn.Module):
+    """Resnets then an optional resampler (diffusers DownEncoderBlock2D / UpDecoderBlock2D)."""
+
+    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, sampler: str | None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6)
+                                      for i in range(n)])
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)] if sampler == "down" else [])
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if sampler == "up" else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in [*self.resnets, *self.downsamplers, *self.upsamplers]:
+            x = m(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
+                                                "down" if i < n - 1 else None) for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:  # (B, C, H, W) -> (B, C', H/2, W/2) per level but the last
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
+                                              "up" if i < n - 1 else None) for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:  # (B, C, h, w) -> (B, C', 2h, 2w) per level but the last
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# -----------------------------------------------------------------------------
+# autoencoder
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> mean, logvar, each (B, 4, H/f, W/f); logvar clamped as in LDM."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) unscaled latent -> (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction through a sampled latent (the training path); returns (x_rec, mean, logvar)."""
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
+        return self.decode(z), mean, logvar
+
+    @classmethod
+    def from_pretrained(cls, repo_or_path: str, subfolder: str = "vae", revision: str | None = None,
+                        variant: str | None = None, **hub_kwargs) -> "AutoencoderKL":
+        """Loads a diffusers-layout VAE from a Hub repo id or a local folder (see model.fetch_pretrained)."""
+        config, state = fetch_pretrained(repo_or_path, subfolder, "diffusion_pytorch_model", revision, variant,
+                                         **hub_kwargs)
+        model = cls(VAEConfig.from_diffusers(config))
+        load_checked(model, state, f"{repo_or_path}/{subfolder}", renames=LEGACY_RENAMES)
+        return model

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
 # configs
@@ -516,3 +516,33 @@ def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None 
                         for what, keys in problems)
         raise ValueError(f"{name}: weights do not fit the model: {msg}")
     model.load_state_dict(state, strict=True)
+
+
+# -----------------------------------------------------------------------------
+# our own checkpoint files: safetensors tensors + a JSON header, never pickled code
+
+
+def save_checkpoint(path: str, tensors: dict, header: dict) -> None:
+    """Writes a temp file next to `path`, then renames it into place, so a crash never leaves half a file."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"yonos": json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str, device: str = "cpu") -> tuple[dict, dict]:
+    """(tensors, header) of a file written by save_checkpoint, whatever its extension (x2.pt works)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safe_open(path, "pt") as f:
+            header = json.loads((f.metadata() or {})["yonos"])
+    except Exception:
+        raise ValueError(f"{path}: not a yonos checkpoint (a safetensors file with a 'yonos' header)") from None
+    return load_file(path, device=device), header
+
+
+def config_from_dict(cls, d: dict):
+    """Rebuilds a config dataclass from its JSON form (JSON turns tuples into lists)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

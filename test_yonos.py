@@ -292,3 +292,97 @@ def test_widen_conv_in_leaves_output_bit_identical():
         assert unet.conv_in.weight.shape == (32, 8, 3, 3) and unet.config.in_channels == 8
         for extra in (torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 8, 8) * 100):
             assert torch.equal(unet(torch.cat([x, extra], 1), t, context), before)
+
+
+# -----------------------------------------------------------------------------
+# the method: schedule, conversions, DDIM, losses
+
+
+from yonos import (T, YonosSR, ddim_sample, ddim_timesteps, make_alphas_cumprod, q_sample, scale_distillation_loss,
+                   snr, sr_loss, v_target, weighted_x0_loss, x0_from_v, eps_from_v)
+
+AC = make_alphas_cumprod()
+
+
+def tiny_sr_unet(seed=0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(UNET_PRESETS["tiny"])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 50])
+def test_ddim_sampler_matches_diffusers(steps):
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True)
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == ddim_timesteps(steps)
+    unet = tiny_sr_unet().eval()
+    z_l, context, noise = torch.randn(2, 4, 8, 8), torch.randn(1, 8, 32), torch.randn(2, 4, 8, 8)
+    z = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            z = sched.step(unet(torch.cat([z, z_l], 1), t.expand(2), context), t, z, eta=0.0).prev_sample
+    ours = ddim_sample(unet, z_l, context, AC, steps, noise)
+    assert z.std() > 0.1 and (z - ours).abs().max() <= 1e-4
+
+
+def test_schedule_matches_sd():
+    from diffusers import DDIMScheduler
+    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    assert AC.shape == (T,) and (AC.float() - ref).abs().max() < 1e-6
+    assert ddim_timesteps(1) == [999] and ddim_timesteps(4) == [999, 749, 499, 249]
+
+
+def test_v_parameterization_round_trips():
+    torch.manual_seed(0)
+    z0, eps, t = torch.randn(5, 4, 6, 6), torch.randn(5, 4, 6, 6), torch.tensor([0, 1, 250, 700, 999])
+    z_t = q_sample(z0, t, eps, AC)
+    v = v_target(z0, eps, t, AC)
+    assert torch.allclose(x0_from_v(z_t, v, t, AC), z0, atol=1e-5)
+    assert torch.allclose(eps_from_v(z_t, v, t, AC), eps, atol=1e-5)
+    # and x0/eps -> v -> x0/eps through z_t again
+    assert torch.allclose(v_target(x0_from_v(z_t, v, t, AC), eps_from_v(z_t, v, t, AC), t, AC), v, atol=1e-5)
+
+
+def test_weighted_x0_loss_equals_v_mse():
+    torch.manual_seed(0)
+    z0, eps, t = torch.randn(8, 4, 4, 4), torch.randn(8, 4, 4, 4), torch.randint(0, T, (8,))
+    z_t, v = q_sample(z0, t, eps, AC), v_target(z0, eps, t, AC)
+    v_pred = v + 0.3 * torch.randn_like(v)
+    x0_pred = x0_from_v(z_t, v_pred, t, AC)
+    assert torch.allclose(weighted_x0_loss(x0_pred, z0, t, AC), ((v_pred - v) ** 2).mean(), rtol=1e-4)
+    assert torch.allclose(snr(torch.tensor([500]), AC).flatten(), (AC[500] / (1 - AC[500])).float())
+
+
+def test_distillation_loss_zero_for_own_teacher_and_grad_only_to_student():
+    import copy
+    teacher = tiny_sr_unet(0)
+    student = copy.deepcopy(teacher)
+    z_h, z_l, context = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(1, 8, 32)
+    g = lambda: torch.Generator().manual_seed(3)
+    assert scale_distillation_loss(student, teacher, z_h, z_l, z_l, context, AC, g()).item() == 0.0
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    loss = scale_distillation_loss(student, teacher, z_h, z_l, torch.randn(2, 4, 8, 8), context, AC, g())
+    assert loss.item() > 0
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert sr_loss(student, z_h, z_l, context, AC, g()).item() > 0
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    model = YonosSR(tiny_sr_unet(), AutoencoderKL(VAE_PRESETS["tiny"]), torch.randn(1, 8, 32), 4, {"note": "x"})
+    path = str(tmp_path / "x4.pt")
+    model.save(path)
+    with open(path, "rb") as f:  # a safetensors file: 8-byte header length, then JSON
+        assert f.read(9)[8:9] == b"{"
+    loaded = YonosSR.load(path)
+    assert loaded.scale == 4 and loaded.meta == {"note": "x"} and loaded.unet.config == model.unet.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a yonos checkpoint"):
+        YonosSR.load(str(tmp_path / "bad.pt"))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]

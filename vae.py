@@ -9,13 +9,14 @@ References:
   Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv 2112.10752
   Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv 1312.6114
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, Downsample, ResnetBlock, Upsample, fetch_pretrained, load_checked
+from model import (Attention, Downsample, ResnetBlock, Upsample, config_from_dict, fetch_pretrained, load_checked,
+                   read_checkpoint, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # config
@@ -179,4 +180,18 @@ class AutoencoderKL(nn.Module):
                                          **hub_kwargs)
         model = cls(VAEConfig.from_diffusers(config))
         load_checked(model, state, f"{repo_or_path}/{subfolder}", renames=LEGACY_RENAMES)
+        return model
+
+    def save(self, path: str) -> None:
+        """A stand-alone VAE file (the output of `train.py --stage vae`)."""
+        save_checkpoint(path, self.state_dict(), {"vae": asdict(self.config)})
+
+    @classmethod
+    def load(cls, path: str) -> "AutoencoderKL":
+        tensors, header = read_checkpoint(path)
+        if "vae" not in header:
+            raise ValueError(f"{path}: holds no VAE")
+        model = cls(config_from_dict(VAEConfig, header["vae"]))
+        load_checked(model, {k.removeprefix("vae."): v for k, v in tensors.items() if not k.startswith("unet.")
+                             and k != "context"}, path)
         return model

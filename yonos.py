@@ -1,0 +1,239 @@
+"""
+YONOS-SR: one-step super-resolution with Stable Diffusion via scale distillation.
+
+The method in a handful of pure functions over one precomputed `alphas_cumprod`: the forward process,
+the v-parameterization, one DDIM step and the N-step sampler, the SR objective, the scale-distillation
+objective and the decoder fine-tune loss; then `YonosSR`, the bundle that sample.py loads.
+
+Notation (paper symbol -> name here):
+  T = 1000            number of training timesteps, t in {0, ..., T-1}
+  alpha_bar_t         alphas_cumprod[t], product of (1 - beta_s) for s <= t
+  alpha_t, sigma_t    sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)           (alpha^2 + sigma^2 = 1)
+  SNR(t)              alpha_t^2 / sigma_t^2; lambda_t = log SNR(t)
+  z_h, z_l            latents of the HR image and of the (bicubic-upsampled) LR image
+  z_t                 noised HR latent  alpha_t z_h + sigma_t eps
+  v                   alpha_t eps - sigma_t z_h          (Salimans & Ho 2022, sec. 4)
+  x0_pred, v_pred     the U-Net's estimates of z_h and v
+
+References:
+  Noroozi et al., "You Only Need One Step: Fast Super-Resolution with Stable Diffusion via Scale Distillation"
+    (YONOS-SR), arXiv 2401.17258
+  Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv 2202.00512
+  Song et al., "Denoising Diffusion Implicit Models" (DDIM), arXiv 2010.02502
+  Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv 2112.10752
+  Esser et al., "Taming Transformers for High-Resolution Image Synthesis", arXiv 2012.09841 (decoder losses)
+  Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv 2305.08891 (trailing spacing)
+"""
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import UNet, UNetConfig, config_from_dict, load_checked, read_checkpoint, save_checkpoint
+from vae import AutoencoderKL, VAEConfig
+
+T = 1000
+
+# -----------------------------------------------------------------------------
+# the noise schedule and the v-parameterization
+
+
+def make_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = T) -> torch.Tensor:
+    """SD's "scaled linear" schedule (LDM configs): sqrt(beta) linear in t; returns alpha_bar_t, (T,) float64."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) shaped (B, 1, 1, 1) for broadcasting over latents; t = -1 means t = "clean" (alpha 1)."""
+    ab = torch.where(t >= 0, alphas_cumprod.to(t.device)[t.clamp(min=0)], torch.ones((), dtype=alphas_cumprod.dtype,
+                                                                                    device=t.device))
+    ab = ab.float()[:, None, None, None]
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def q_sample(z_0, t, eps, alphas_cumprod):
+    """Forward process q(z_t | z_0): z_t = alpha_t z_0 + sigma_t eps (DDPM eq. 4)."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    return a * z_0 + s * eps
+
+
+def v_target(z_0, eps, t, alphas_cumprod):
+    """v = alpha_t eps - sigma_t z_0 (Salimans & Ho 2022, eq. 15 region)."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    return a * eps - s * z_0
+
+
+def x0_from_v(z_t, v, t, alphas_cumprod):
+    """x0 = alpha_t z_t - sigma_t v."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    return a * z_t - s * v
+
+
+def eps_from_v(z_t, v, t, alphas_cumprod):
+    """eps = sigma_t z_t + alpha_t v."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    return s * z_t + a * v
+
+
+def snr(t, alphas_cumprod):
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2, shaped (B, 1, 1, 1)."""
+    a, s = alpha_sigma(alphas_cumprod, t)
+    return (a / s) ** 2
+
+
+# -----------------------------------------------------------------------------
+# sampling: DDIM with eta = 0
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = T) -> list[int]:
+    """"Trailing" spacing (Lin et al. 2023, table 2): the first step is always t = T-1, so with one step
+    the sampler starts from pure noise, as at training time for t = 999. 1 -> [999]; 4 -> [999, 749, 499, 249]."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+    ratio = num_train_timesteps / steps
+    return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
+
+
+def ddim_step(z_t, v_pred, t, t_prev, alphas_cumprod):
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with sigma = 0) from t to t_prev in v-form:
+    z_prev = alpha_prev x0_pred + sigma_prev eps_pred; t_prev = -1 returns x0_pred itself."""
+    x0_pred = x0_from_v(z_t, v_pred, t, alphas_cumprod)
+    eps_pred = eps_from_v(z_t, v_pred, t, alphas_cumprod)
+    return q_sample(x0_pred, t_prev, eps_pred, alphas_cumprod)
+
+
+def predict_v(unet, z_t, z_l, t, context):
+    """The SR U-Net sees z_t and the LR latent concatenated on channels."""
+    return unet(torch.cat([z_t, z_l], dim=1), t, context)
+
+
+@torch.no_grad()
+def ddim_sample(unet, z_l, context, alphas_cumprod, steps: int = 1, noise: torch.Tensor | None = None):
+    """N-step DDIM sampler for the SR model: z_T ~ N(0, I) -> ... -> z_0 = x0_pred of the last step.
+    With steps=1 this is a single line: x0_pred = alpha_999 z_T - sigma_999 v_pred."""
+    z = torch.randn_like(z_l) if noise is None else noise
+    ts = ddim_timesteps(steps)
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        tb = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        v_pred = predict_v(unet, z, z_l, tb, context).float()
+        z = ddim_step(z, v_pred, tb, torch.full_like(tb, t_prev), alphas_cumprod)
+    return z
+
+
+# -----------------------------------------------------------------------------
+# training objectives
+
+
+def noised(z_h, alphas_cumprod, generator=None):
+    """A random timestep per sample, noise, and z_t."""
+    t = torch.randint(0, T, (z_h.shape[0],), device=z_h.device, generator=generator)
+    eps = torch.randn(z_h.shape, device=z_h.device, generator=generator)
+    return t, q_sample(z_h, t, eps, alphas_cumprod)
+
+
+def weighted_x0_loss(x0_pred, target, t, alphas_cumprod):
+    """omega(lambda_t) ||x0_pred - target||^2 with omega = SNR + 1 ("SNR+1" weighting of Salimans & Ho 2022).
+    Since x0_pred - z_0 = -sigma_t (v_pred - v) and SNR + 1 = 1 / sigma_t^2, against z_0 it is exactly the v-MSE."""
+    w = snr(t, alphas_cumprod) + 1
+    return (w * (x0_pred.float() - target.float()) ** 2).mean()
+
+
+def sr_loss(unet, z_h, z_l, context, alphas_cumprod, generator=None):
+    """Plain SR objective (YONOS-SR eq. 1): E ||x0_pred(z_t, z_l, t) - z_h||^2, weighted."""
+    t, z_t = noised(z_h, alphas_cumprod, generator)
+    x0_pred = x0_from_v(z_t, predict_v(unet, z_t, z_l, t, context), t, alphas_cumprod)
+    return weighted_x0_loss(x0_pred, z_h, t, alphas_cumprod)
+
+
+def scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, alphas_cumprod, generator=None):
+    """Scale distillation (YONOS-SR eq. 2): the target is not z_h but the frozen teacher's x0_pred for the
+    same z_t and t, where the teacher sees the milder LR (scale s/2) of the same HR crop and the student
+    the LR at scale s. The target thus adapts to the noise level and is easier to reach at high noise."""
+    t, z_t = noised(z_h, alphas_cumprod, generator)
+    with torch.no_grad():  # the teacher runs forward only; no gradient can reach it
+        target = x0_from_v(z_t, predict_v(teacher, z_t, z_l_teacher, t, context), t, alphas_cumprod)
+    x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context), t, alphas_cumprod)
+    return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017, arXiv 1611.07004) as in the SD autoencoder's training: a realism logit per
+    overlapping 70x70 patch at full width; `width` and `layers` shrink it for tiny configs."""
+
+    def __init__(self, width: int = 64, layers: int = 3):
+        super().__init__()
+        chs = [3] + [width * min(2 ** i, 8) for i in range(layers + 1)]
+        self.convs = nn.ModuleList(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2 if i < layers else 1, padding=1)
+                                   for i in range(layers + 1))
+        self.norms = nn.ModuleList(nn.GroupNorm(1, chs[i + 1]) if i > 0 else nn.Identity() for i in range(layers + 1))
+        self.head = nn.Conv2d(chs[-1], 1, 4, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.leaky_relu(norm(conv(x)), 0.2)
+        return self.head(x)
+
+
+def decoder_loss(x_rec, x_h, perceptual=None, disc=None, w_perceptual: float = 1.0, w_gan: float = 0.1):
+    """Decoder fine-tune loss (YONOS-SR sec. 3.3), the SD autoencoder's own losses: L1 + LPIPS (when a
+    perceptual network is given) + the generator's hinge term -D(x_rec) (when a discriminator is given)."""
+    loss = (x_rec - x_h).abs().mean()
+    if perceptual is not None:
+        loss = loss + w_perceptual * perceptual(x_rec, x_h).mean()
+    if disc is not None:
+        loss = loss - w_gan * disc(x_rec).mean()
+    return loss
+
+
+def discriminator_loss(disc, x_rec, x_h):
+    """Hinge loss for the discriminator (Lim & Ye 2017, arXiv 1705.02894), as in the SD autoencoder."""
+    return F.relu(1 - disc(x_h)).mean() + F.relu(1 + disc(x_rec.detach())).mean()
+
+
+# -----------------------------------------------------------------------------
+# the model bundle: everything sample.py needs in one file
+
+
+class YonosSR(nn.Module):
+    """SR U-Net (conv_in widened to 8 channels) + VAE + the fixed empty-prompt context + the scale it upsamples by.
+    Saved as one safetensors file (whatever the extension): tensors plus a JSON header with the configs,
+    so loading never unpickles code."""
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, context: torch.Tensor, scale: int, meta: dict | None = None):
+        super().__init__()
+        self.unet, self.vae, self.scale, self.meta = unet, vae, scale, dict(meta or {})
+        self.register_buffer("context", context.detach().clone())
+        self.register_buffer("alphas_cumprod", make_alphas_cumprod(), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent: the posterior mean times the scaling factor."""
+        mean, _ = self.vae.encode(x)
+        return mean * self.vae.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def super_resolve(self, x_up: torch.Tensor, steps: int = 1, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_up: the LR image already bicubic-upsampled to the output size, in [-1, 1] -> SR image in [-1, 1]."""
+        z_l = self.encode(x_up)
+        z_h = ddim_sample(self.unet, z_l, self.context.to(z_l.dtype), self.alphas_cumprod, steps, noise)
+        return self.decode(z_h.to(z_l.dtype)).clamp(-1, 1)
+
+    def save(self, path: str) -> None:
+        header = {"unet": asdict(self.unet.config), "vae": asdict(self.vae.config), "scale": self.scale,
+                  "meta": self.meta}
+        save_checkpoint(path, self.state_dict(), header)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> "YonosSR":
+        tensors, header = read_checkpoint(path)
+        if "unet" not in header:
+            raise ValueError(f"{path}: holds no SR U-Net (a VAE-only file? pass it as --vae)")
+        unet = UNet(config_from_dict(UNetConfig, header["unet"]))
+        vae = AutoencoderKL(config_from_dict(VAEConfig, header["vae"]))
+        model = cls(unet, vae, tensors["context"], header["scale"], header.get("meta"))
+        load_checked(model, tensors, path)
+        return model.to(device)

@@ -386,3 +386,139 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     with pytest.raises(ValueError, match="not a yonos checkpoint"):
         YonosSR.load(str(tmp_path / "bad.pt"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+# -----------------------------------------------------------------------------
+# training: the whole tiny chain, DDP, resume, the SD path
+
+
+import subprocess
+import sys
+
+import train
+from data import degrade
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_photos(folder, n=4, size=64, seed=0):
+    """Small random-texture 'photos' (smooth gradients + blobs), enough to train a few steps on."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        a = np.stack([np.sin(6 * xx * rng.uniform(1, 3) + c) * np.cos(5 * yy * rng.uniform(1, 3)) for c in range(3)], -1)
+        a = ((a + 1) * 127.5 + rng.normal(0, 8, a.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(a).save(os.path.join(folder, f"img{i}.png"))
+    return str(folder)
+
+
+def tiny_cfg(tmp, **kw) -> train.TrainConfig:
+    base = dict(config="tiny", data=str(tmp / "photos"), val_data=str(tmp / "photos"), crop=32, batch_size=2,
+                steps=2, warmup=1, log_every=1, val_every=2, save_every=2, quiet=True)
+    return train.TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory):
+    """vae -> x2 -> x4 (distilled) -> x8 (distilled) -> decoder, a few steps each through train.main."""
+    tmp = tmp_path_factory.mktemp("chain")
+    write_photos(tmp / "photos")
+    out = lambda name: str(tmp / name)
+    train.main(tiny_cfg(tmp, stage="vae", out=out("vae.pt"), steps=3))
+    train.main(tiny_cfg(tmp, scale=2, vae=out("vae.pt"), out=out("x2.pt")))
+    train.main(tiny_cfg(tmp, scale=4, teacher=out("x2.pt"), out=out("x4.pt")))
+    train.main(tiny_cfg(tmp, scale=8, teacher=out("x4.pt"), out=out("x8.pt"), crop=64))
+    train.main(tiny_cfg(tmp, stage="decoder", unet=out("x4.pt"), out=out("x4_dec.pt"), gan_weight=0.1))
+    return tmp
+
+
+def test_tiny_chain_checkpoints_load_and_sample(tiny_chain):
+    import json
+    vae = AutoencoderKL.load(str(tiny_chain / "vae.pt"))
+    assert vae.config.scaling_factor != 1.0  # measured on training crops
+    for name, scale in [("x2.pt", 2), ("x4.pt", 4), ("x8.pt", 8), ("x4_dec.pt", 4)]:
+        model = YonosSR.load(str(tiny_chain / name)).eval()
+        assert model.scale == scale
+        x_up = degrade(torch.rand(1, 3, 32, 32) * 2 - 1, scale)
+        out = model.super_resolve(x_up, steps=2)
+        assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+        rows = [json.loads(line) for line in open(tiny_chain / (name + ".log.jsonl"))]
+        assert rows[-1]["step"] == 2 and "val_psnr" in rows[-1]
+    assert YonosSR.load(str(tiny_chain / "x8.pt")).meta["teacher"] == "x4.pt"
+
+
+def test_decoder_stage_trains_only_the_decoder(tiny_chain):
+    before, after = YonosSR.load(str(tiny_chain / "x4.pt")), YonosSR.load(str(tiny_chain / "x4_dec.pt"))
+    for part in ("unet", "vae.encoder", "vae.quant_conv"):
+        a, b = before.get_submodule(part).state_dict(), after.get_submodule(part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = before.vae.decoder.state_dict(), after.vae.decoder.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_chain, tmp_path):
+    kw = dict(data=str(tiny_chain / "photos"), scale=2, vae=str(tiny_chain / "vae.pt"), save_every=2, val_data="")
+    full = train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "full.pt"), steps=4, **kw))
+    train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "part.pt"), steps=2, **kw))  # "interrupted" after step 2
+    resumed = train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "part.pt"), steps=4, resume=True, **kw))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = YonosSR.load(str(tmp_path / "part.pt")).state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _ddp_worker(rank, tmp, vae_path):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    cfg = train.TrainConfig(config="tiny", data=f"{tmp}/photos", scale=2, vae=vae_path, crop=32, batch_size=2,
+                            steps=3, warmup=1, quiet=True, out=f"{tmp}/ddp.pt")
+    model = train.main(cfg)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.unet.state_dict().items()}, f"{tmp}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_chain, tmp_path):
+    from safetensors.torch import load_file
+    write_photos(tmp_path / "photos")
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), str(tiny_chain / "vae.pt")), nprocs=2)
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    start = YonosSR.load(str(tmp_path / "ddp.pt")).unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], start[k]) for k in a)  # rank 0 saved what it trained
+
+
+def run_script(args, env=None, cwd=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or HERE,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_train_from_sd_layout_hub_cache_runs_every_stage(tmp_path):
+    """--pretrained <repo id> through huggingface_hub's cache, offline: x2 from SD, x4 distilled, decoder."""
+    cache = make_hub_cache(tmp_path / "hub", "org/tiny-sd", "sd2")
+    write_photos(tmp_path / "photos", size=40)
+    env = {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    common = ["--data", str(tmp_path / "photos"), "--crop", "32", "--batch-size", "2", "--steps", "2", "--quiet",
+              "--threads", "1"]
+    for args in (["--pretrained", "org/tiny-sd", "--scale", "2", "--out", str(tmp_path / "x2.pt")],
+                 ["--teacher", str(tmp_path / "x2.pt"), "--scale", "4", "--out", str(tmp_path / "x4.pt")],
+                 ["--stage", "decoder", "--unet", str(tmp_path / "x4.pt")]):
+        r = run_script([os.path.join(HERE, "train.py"), *args, *common], env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    model = YonosSR.load(str(tmp_path / "x4_dec.pt"))
+    assert model.unet.config.in_channels == 8 and model.context.shape == (1, 77, TINY_SD2.cross_attention_dim)
+    assert model.meta["init"] == "org/tiny-sd"
+
+
+def test_train_bad_arguments_give_one_line_errors(tmp_path):
+    for args, msg in [(["--stage", "vae"], "tiny VAE only"),
+                      (["--config", "tiny", "--data", str(tmp_path)], "needs --vae"),
+                      (["--stage", "decoder"], "needs --unet"),
+                      (["--config", "tiny", "--vae", str(tmp_path / "none.pt"), "--data", str(tmp_path)],
+                       "no such checkpoint")]:
+        r = run_script([os.path.join(HERE, "train.py"), *args])
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

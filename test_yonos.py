@@ -522,3 +522,131 @@ def test_train_bad_arguments_give_one_line_errors(tmp_path):
                        "no such checkpoint")]:
         r = run_script([os.path.join(HERE, "train.py"), *args])
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+# -----------------------------------------------------------------------------
+# sample.py: any size, any colour mode, bad inputs, tiling, seeds
+
+
+import numpy as np
+from PIL import Image
+
+import sample
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory):
+    """A random tiny x4 model: fast, enough to check shapes, modes and error handling."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "rand_x4.pt")
+    torch.manual_seed(0)
+    YonosSR(UNet(UNET_PRESETS["tiny"]), AutoencoderKL(VAE_PRESETS["tiny"]), torch.randn(1, 8, 32), 4).save(path)
+    return path
+
+
+def photo(w=37, h=53, mode="RGB", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    img = Image.fromarray(a, "RGBA")
+    return img if mode in ("RGBA", "LA") and mode == "RGBA" else img.convert(mode if mode == "LA" else "RGB").convert(mode)
+
+
+def run_sample(args, capsys):
+    code = sample.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_odd_size_gives_exact_scale(tmp_path, random_ckpt, capsys):
+    photo(37, 53).save(tmp_path / "odd.png")
+    code, out, err = run_sample([tmp_path / "odd.png", "--ckpt", random_ckpt], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "odd_x4.png").size == (148, 212) and "odd_x4.png" in out
+
+
+def write_modes(folder) -> dict:
+    """One file per colour mode and format users throw at an upscaler; returns name -> expected output mode."""
+    os.makedirs(folder, exist_ok=True)
+    expected = {}
+    for mode, want in [("RGB", "RGB"), ("RGBA", "RGBA"), ("L", "RGB"), ("P", "RGB"), ("LA", "RGBA")]:
+        photo(20, 12, mode).save(os.path.join(folder, f"{mode}.png"))
+        expected[f"{mode}.png"] = want
+    p = photo(20, 12, "RGB").convert("P")
+    p.info["transparency"] = 0
+    p.save(os.path.join(folder, "P_transparent.png"), transparency=0)
+    expected["P_transparent.png"] = "RGBA"
+    Image.fromarray((np.arange(240, dtype=np.uint16).reshape(12, 20) * 250)).save(os.path.join(folder, "I16.png"))
+    expected["I16.png"] = "RGB"
+    photo(20, 12, "CMYK").save(os.path.join(folder, "cmyk.jpg"))
+    expected["cmyk.jpg"] = "RGB"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    photo(20, 12, "RGB").save(os.path.join(folder, "rotated.jpg"), exif=exif)
+    expected["rotated.jpg"] = "RGB"
+    return expected
+
+
+def test_sample_reads_every_colour_mode(tmp_path, random_ckpt, capsys):
+    expected = write_modes(tmp_path / "in")
+    assert Image.open(tmp_path / "in" / "I16.png").mode.startswith("I")
+    code, out, err = run_sample([tmp_path / "in", "--out", tmp_path / "out", "--ckpt", random_ckpt], capsys)
+    assert code == 0, err
+    for name, mode in expected.items():
+        img = Image.open(tmp_path / "out" / (os.path.splitext(name)[0] + "_x4.png"))
+        assert img.mode == mode, name
+        assert img.size == ((48, 80) if name == "rotated.jpg" else (80, 48)), name
+    rgba = Image.open(tmp_path / "out" / "RGBA_x4.png")
+    src_alpha = np.asarray(Image.open(tmp_path / "in" / "RGBA.png").getchannel("A").resize((80, 48), Image.BICUBIC))
+    assert np.array_equal(np.asarray(rgba.getchannel("A")), src_alpha)
+
+
+def test_sample_bad_inputs_give_one_line_errors(tmp_path, random_ckpt, capsys):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    photo(40, 40).save(tmp_path / "good.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "good.png").read_bytes()[:200])
+    photo(1, 1).save(tmp_path / "tiny.png")
+    photo(64, 64).save(tmp_path / "large.png")
+    os.makedirs(tmp_path / "nothing_here")
+    cases = [("missing.png", "no such file"), ("empty.png", "cannot read"), ("text.png", "cannot read"),
+             ("truncated.png", "cannot read"), ("tiny.png", "too small"), ("large.png", "larger than the limit")]
+    for name, msg in cases:
+        code, out, err = run_sample([tmp_path / name, "--ckpt", random_ckpt, "--max-pixels", "4000"], capsys)
+        lines = err.strip().splitlines()
+        assert code != 0 and len(lines) == 1 and name in lines[0] and msg in lines[0], (name, err)
+    code, _, err = run_sample([tmp_path / "nothing_here", "--ckpt", random_ckpt], capsys)
+    assert code == 2 and "no images" in err
+    code, _, err = run_sample([tmp_path / "good.png", "--ckpt", tmp_path / "text.png"], capsys)
+    assert code == 2 and "not a yonos checkpoint" in err
+    # in a batch, one bad file does not stop the others
+    code, out, err = run_sample([tmp_path / "text.png", tmp_path / "good.png", "--ckpt", random_ckpt,
+                                 "--out", tmp_path / "batch"], capsys)
+    assert code == 1 and (tmp_path / "batch" / "good_x4.png").exists() and "1 of 2 images done" in out
+    assert not [p for p in os.listdir(tmp_path / "batch") if ".tmp" in p]
+
+
+def test_sample_never_overwrites_without_force(tmp_path, random_ckpt, capsys):
+    photo(16, 16).save(tmp_path / "a.png")
+    code, _, err = run_sample([tmp_path / "a.png", "--out", tmp_path / "a.png", "--ckpt", random_ckpt], capsys)
+    assert code == 1 and "is an input" in err
+    (tmp_path / "a_x4.png").write_bytes(b"keep")
+    code, _, err = run_sample([tmp_path / "a.png", "--ckpt", random_ckpt], capsys)
+    assert code == 1 and "--force" in err and (tmp_path / "a_x4.png").read_bytes() == b"keep"
+    code, _, err = run_sample([tmp_path / "a.png", "--ckpt", random_ckpt, "--force"], capsys)
+    assert code == 0 and Image.open(tmp_path / "a_x4.png").size == (64, 64)
+
+
+def test_sample_same_seed_same_output(random_ckpt):
+    model, img = sample.load_model(random_ckpt), photo(24, 20)
+    a, b = sample.upscale(img, model, seed=1), sample.upscale(img, model, seed=1)
+    c = sample.upscale(img, model, seed=2)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
+    from skimage import data as skdata
+    model = sample.load_model()
+    img = Image.fromarray(skdata.chelsea()).crop((150, 80, 246, 176))  # 96x96 -> 384x384: 96x96 latent cells
+    whole = np.asarray(sample.upscale(img, model, tile=None), dtype=np.float64)
+    tiled = np.asarray(sample.upscale(img, model, tile=48, overlap=16), dtype=np.float64)
+    diff = np.abs(whole - tiled)
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) < 8, (diff.mean(), np.percentile(diff, 99))

@@ -186,7 +186,9 @@ class SRPairs(torch.utils.data.Dataset):
         x = x[:, top:top + self.crop, left:left + self.crop]
         if torch.rand((), generator=g) < 0.5:
             x = x.flip(2)
-        x = torch.rot90(x, int(torch.randint(4, (), generator=g)), dims=(1, 2))[None]
+        x = torch.rot90(x, int(torch.randint(4, (), generator=g)), dims=(1, 2))
+        # a random order of the colour channels: small photo sets then still cover every hue
+        x = x[torch.randperm(3, generator=g)][None]
         out = {"hr": x[0], "lr": degrade(x, self.scale, self.degradation, g)[0]}
         if self.teacher_scale:
             out["lr_teacher"] = degrade(x, self.teacher_scale, self.degradation, g)[0]

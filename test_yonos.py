@@ -430,7 +430,7 @@ def tiny_chain(tmp_path_factory):
     train.main(tiny_cfg(tmp, stage="vae", out=out("vae.pt"), steps=3))
     train.main(tiny_cfg(tmp, scale=2, vae=out("vae.pt"), out=out("x2.pt")))
     train.main(tiny_cfg(tmp, scale=4, teacher=out("x2.pt"), out=out("x4.pt")))
-    train.main(tiny_cfg(tmp, scale=8, teacher=out("x4.pt"), out=out("x8.pt"), crop=64))
+    train.main(tiny_cfg(tmp, scale=8, teacher=out("x4.pt"), out=out("x8.pt")))
     train.main(tiny_cfg(tmp, stage="decoder", unet=out("x4.pt"), out=out("x4_dec.pt"), gan_weight=0.1))
     return tmp
 
@@ -645,8 +645,77 @@ def test_sample_same_seed_same_output(random_ckpt):
 def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
     from skimage import data as skdata
     model = sample.load_model()
-    img = Image.fromarray(skdata.chelsea()).crop((150, 80, 246, 176))  # 96x96 -> 384x384: 96x96 latent cells
+    img = Image.fromarray(skdata.chelsea()).crop((150, 80, 198, 128))  # 48x48 -> 192x192: 96x96 latent cells
     whole = np.asarray(sample.upscale(img, model, tile=None), dtype=np.float64)
     tiled = np.asarray(sample.upscale(img, model, tile=48, overlap=16), dtype=np.float64)
     diff = np.abs(whole - tiled)
     assert diff.mean() < 1.0 and np.percentile(diff, 99) < 8, (diff.mean(), np.percentile(diff, 99))
+
+
+# -----------------------------------------------------------------------------
+# eval.py: metrics against hand-computed values and scikit-image, LPIPS with random weights, the report files
+
+
+import eval as ev
+
+
+def test_psnr_y_matches_hand_computed_value():
+    hr = np.full((20, 20, 3), 100, np.uint8)
+    sr = hr + np.uint8(10)  # +10 on R, G and B moves Y by 10 * (65.481 + 128.553 + 24.966) / 255
+    dy = 10 * 219.0 / 255
+    assert ev.psnr_y(sr, hr, 2) == pytest.approx(20 * np.log10(255 / dy), abs=1e-9)
+    sr[0, 0] = 0  # inside the border: ignored
+    assert ev.psnr_y(sr, hr, 2) == pytest.approx(20 * np.log10(255 / dy), abs=1e-9)
+
+
+def test_ssim_y_matches_scikit_image():
+    from skimage import data as skdata
+    from skimage.metrics import structural_similarity
+    hr = skdata.astronaut()[100:180, 100:200]
+    sr = np.clip(hr + np.random.default_rng(0).normal(0, 12, hr.shape), 0, 255).astype(np.uint8)
+    ya, yb = ev.rgb_to_y(sr)[4:-4, 4:-4], ev.rgb_to_y(hr)[4:-4, 4:-4]
+    expected = structural_similarity(ya, yb, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=255)
+    assert ev.ssim_y(sr, hr, 4) == pytest.approx(expected, abs=1e-9) and 0.3 < expected < 0.95
+    assert ev.ssim_y(hr, hr, 4) == pytest.approx(1.0)
+
+
+def test_lpips_loads_published_layout_with_random_weights(tmp_path):
+    torch.manual_seed(0)
+    ref = ev.LPIPS()
+    vgg = {f"features.{k}.{p}": v for k, m in ref.features.items() for p, v in m.state_dict().items()}
+    vgg |= {"classifier.0.weight": torch.zeros(2, 2)}  # torchvision's file has the classifier too
+    for lin in ref.lins:
+        torch.nn.init.uniform_(lin.weight, 0, 1)
+    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(ref.lins)}, tmp_path / "vgg.pth")
+    lpips = ev.LPIPS.load(str(tmp_path))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    d = lpips(x, y)
+    assert torch.equal(d, ref(x, y)) and (d > 0).all() and lpips(x, x).abs().max() < 1e-6
+    assert (lpips(x, (x + 0.6 * torch.randn_like(x)).clamp(-1, 1)) > d).all()
+    with pytest.raises(FileNotFoundError, match="LPIPS weights not found"):
+        ev.LPIPS.load(str(tmp_path / "nowhere"))
+
+
+def test_eval_reports_table_files_and_plot(tmp_path, random_ckpt, capsys):
+    os.makedirs(tmp_path / "hr")
+    for i in range(2):
+        photo(40, 36, seed=i).save(tmp_path / "hr" / f"{i}.png")
+    code = ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--steps", "1,2", "--seeds", "0,1",
+                    "--out", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| bicubic | x4 | - |" in out and "LPIPS skipped" in out
+    report = json.load(open(tmp_path / "res.json"))
+    bicubic = [e for e in report["summary"] if e["model"] == "bicubic"][0]
+    hr, lr = ev.prepare(str(tmp_path / "hr" / "0.png"), 4)
+    assert hr.shape == (36, 40, 3) and lr.size == (10, 9)
+    expected = np.mean([ev.psnr_y(ev.bicubic_up(lr, 4), hr, 4)
+                        for hr, lr in [ev.prepare(str(tmp_path / "hr" / f"{i}.png"), 4) for i in range(2)]])
+    assert bicubic["psnr"] == pytest.approx(expected)
+    assert {(e["steps"], e["seeds"]) for e in report["summary"] if e["model"] == "rand_x4.pt"} == {(1, 2), (2, 2)}
+    assert len(report["rows"]) == 2 + 2 * 2 * 2
+    with open(tmp_path / "res.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(tmp_path / "res.png").size[0] > 100

@@ -91,8 +91,6 @@ class TrainConfig:
         self.lr = self.lr or (5e-4 if tiny else 5e-5)
         self.out = self.out or {"sr": f"x{self.scale}.pt", "decoder": os.path.splitext(self.unet)[0] + "_dec.pt",
                                 "vae": "vae.pt"}[self.stage]
-        if self.crop % (8 * self.scale):
-            fail(f"--crop {self.crop} must be a multiple of 8 x scale = {8 * self.scale}")
         return self
 
 
@@ -234,6 +232,11 @@ def main(cfg: TrainConfig) -> nn.Module:
         parts = build(cfg, device, say)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0])
+    vae_cfg = parts["vae"].config if cfg.stage == "vae" else parts["bundle"].vae.config
+    levels = 1 if cfg.stage == "vae" else len(parts["bundle"].unet.config.block_out_channels)
+    m = vae_cfg.factor * 2 ** (levels - 1)  # every U-Net level halves the latent
+    if cfg.crop % m or cfg.crop % cfg.scale:
+        fail(f"--crop {cfg.crop} must be a multiple of {m} (VAE factor x U-Net levels) and of the scale {cfg.scale}")
     alphas_cumprod = make_alphas_cumprod().to(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -1,0 +1,306 @@
+"""
+Measures super-resolution checkpoints against the bicubic baseline on a folder of HR images.
+
+  python eval.py assets/yonos_tiny_x4.pt --data photos/test --steps 1,2,4 --seeds 0,1 --out results/x4
+
+Each HR image is cropped to a multiple of the scale, degraded deterministically (bicubic, antialiased, then
+rounded to 8 bits like a real LR file), super-resolved at every requested step count and seed, and compared
+with the HR image: PSNR and SSIM on the Y channel of YCbCr (ITU-R BT.601) with a border of `scale` pixels
+cropped, the usual SR convention; LPIPS (VGG) when --lpips names its weights. Writes <out>.json, <out>.csv
+and, if matplotlib is installed, <out>.png (metric vs steps, one line per checkpoint).
+
+References:
+  Wang et al., "Image Quality Assessment: From Error Visibility to Structural Similarity" (SSIM), IEEE TIP 2004
+  Zhang et al., "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric" (LPIPS), arXiv 1801.03924
+  Simonyan & Zisserman, "Very Deep Convolutional Networks" (VGG16), arXiv 1409.1556
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from data import bicubic_lr, list_images, open_image, resize, to_image, to_tensor
+
+# -----------------------------------------------------------------------------
+# PSNR and SSIM on the Y channel
+
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> Y of YCbCr, ITU-R BT.601 studio range [16, 235], float64 (as MATLAB's rgb2ycbcr)."""
+    rgb = img.astype(np.float64) / 255.0
+    return 16.0 + rgb @ np.array([65.481, 128.553, 24.966])
+
+
+def psnr_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
+    a, b = rgb_to_y(sr), rgb_to_y(hr)
+    if border:
+        a, b = a[border:-border, border:-border], b[border:-border, border:-border]
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def _gaussian_filter(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    """Separable Gaussian, 11x11 window, 'valid' region only (no padding at the borders)."""
+    k = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    x = np.apply_along_axis(lambda r: np.convolve(r, k, mode="valid"), 1, x)
+    return np.apply_along_axis(lambda c: np.convolve(c, k, mode="valid"), 0, x)
+
+
+def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
+    """SSIM (Wang et al. 2004, eq. 13) with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, L = 255."""
+    a, b = rgb_to_y(sr), rgb_to_y(hr)
+    if border:
+        a, b = a[border:-border, border:-border], b[border:-border, border:-border]
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, mu_b = _gaussian_filter(a), _gaussian_filter(b)
+    var_a = _gaussian_filter(a * a) - mu_a ** 2
+    var_b = _gaussian_filter(b * b) - mu_b ** 2
+    cov = _gaussian_filter(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+# -----------------------------------------------------------------------------
+# LPIPS (VGG16), weights from a folder: no download, no torchvision
+
+
+VGG16_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
+               (256, 512), (512, 512), (512, 512), "M", (512, 512), (512, 512), (512, 512)]
+LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices in VGG16 `features` after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with a VGG16 backbone: unit-normalised features of five layers, squared differences,
+    weighted per channel by the learned linear heads, averaged over space, summed over layers.
+
+    Keys follow torchvision's vgg16 (`features.{i}.weight`) and the lpips package (`lin{k}.model.1.weight`),
+    so `LPIPS.load(folder)` reads `vgg16-397923af.pth` and `vgg.pth` as published (weights only, no code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.ModuleDict()
+        i = 0
+        for spec in VGG16_CONVS:
+            if spec == "M":
+                i += 1
+                continue
+            self.features[str(i)] = nn.Conv2d(*spec, 3, padding=1)
+            i += 2  # conv, relu
+        chans = (64, 128, 256, 512, 512)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in chans)
+        # ImageNet statistics in [-1, 1] units (lpips ScalingLayer)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, out, i = (x - self.shift) / self.scale, [], 0
+        for spec in VGG16_CONVS:
+            if spec == "M":
+                x = F.max_pool2d(x, 2)
+                i += 1
+                continue
+            x = F.relu(self.features[str(i)](x))
+            if i + 1 in LPIPS_TAPS:
+                out.append(x)
+            i += 2
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x, y in [-1, 1], (B, 3, H, W) -> (B,) distances."""
+        d = 0
+        for lin, fx, fy in zip(self.lins, self.taps(x), self.taps(y)):
+            fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            d = d + lin((fx - fy) ** 2).mean((2, 3))
+        return d.flatten()
+
+    @classmethod
+    def load(cls, folder: str) -> "LPIPS":
+        """Reads torchvision's VGG16 weights and the lpips linear heads from `folder`."""
+        paths = {name: os.path.join(folder, name) for name in ("vgg16-397923af.pth", "vgg.pth")}
+        missing = [p for p in paths.values() if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"LPIPS weights not found: {', '.join(missing)}")
+        vgg = torch.load(paths["vgg16-397923af.pth"], map_location="cpu", weights_only=True)
+        lin = torch.load(paths["vgg.pth"], map_location="cpu", weights_only=True)
+        state = {k: v for k, v in vgg.items() if k.startswith("features.")}
+        state |= {f"lins.{k[3]}.weight": v for k, v in lin.items() if k.endswith("model.1.weight")}
+        model = cls()
+        model.load_state_dict(state | {"shift": model.shift, "scale": model.scale}, strict=True)
+        return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# the evaluation
+
+
+def prepare(path: str, scale: int) -> tuple[np.ndarray, Image.Image]:
+    """HR (cropped to a multiple of the scale) as uint8 RGB, and its 8-bit bicubic LR image."""
+    img, _ = open_image(path)
+    w, h = img.width - img.width % scale, img.height - img.height % scale
+    hr = img.crop((0, 0, w, h))
+    lr = to_image(bicubic_lr(to_tensor(hr)[None], scale)[0])
+    return np.asarray(hr), lr
+
+
+def bicubic_up(lr: Image.Image, scale: int) -> np.ndarray:
+    """The baseline: the same bicubic upsampling the model gets as its input, rounded to 8 bits."""
+    x = resize(to_tensor(lr)[None], (lr.height * scale, lr.width * scale))
+    return np.asarray(to_image(x[0]))
+
+
+def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lpips: LPIPS | None = None,
+             limit: int | None = None, tile: int | None = 64, say=print) -> list[dict]:
+    """One row per (checkpoint or 'bicubic', steps, seed, image) with psnr, ssim (and lpips)."""
+    from sample import load_model, upscale
+    files = list_images(data)[:limit]
+    if not files:
+        raise FileNotFoundError(f"{data}: no images")
+    rows = []
+
+    def score(name, n, seed, path, sr, hr, scale):
+        row = {"model": name, "steps": n, "seed": seed, "image": os.path.basename(path), "scale": scale,
+               "psnr": psnr_y(sr, hr, scale), "ssim": ssim_y(sr, hr, scale)}
+        if lpips is not None:
+            with torch.no_grad():
+                row["lpips"] = lpips(to_tensor(Image.fromarray(sr))[None], to_tensor(Image.fromarray(hr))[None]).item()
+        rows.append(row)
+
+    scales_done = set()
+    for ckpt in ckpts:
+        model = load_model(ckpt)
+        s = model.scale
+        for path in files:
+            hr, lr = prepare(path, s)
+            if s not in scales_done:
+                score("bicubic", 0, 0, path, bicubic_up(lr, s), hr, s)
+            for n in steps:
+                for seed in seeds:
+                    t0 = time.time()
+                    sr = np.asarray(upscale(lr, model, steps=n, seed=seed, tile=tile))
+                    score(os.path.basename(ckpt), n, seed, path, sr, hr, s)
+                    say(f"{os.path.basename(ckpt)} x{s} steps {n} seed {seed} {os.path.basename(path)}: "
+                        f"PSNR {rows[-1]['psnr']:.2f} SSIM {rows[-1]['ssim']:.4f} ({time.time() - t0:.1f}s)")
+        scales_done.add(s)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean over images, then mean and spread (min..max) over seeds, per (model, scale, steps)."""
+    out = []
+    keys = sorted({(r["model"], r["scale"], r["steps"]) for r in rows}, key=lambda k: (k[1], k[0] != "bicubic", k))
+    for model, scale, n in keys:
+        sel = [r for r in rows if (r["model"], r["scale"], r["steps"]) == (model, scale, n)]
+        seeds = sorted({r["seed"] for r in sel})
+        entry = {"model": model, "scale": scale, "steps": n, "images": len({r["image"] for r in sel}), "seeds": len(seeds)}
+        for m in ("psnr", "ssim", "lpips"):
+            if m in sel[0]:
+                per_seed = [np.mean([r[m] for r in sel if r["seed"] == s]) for s in seeds]
+                entry |= {m: float(np.mean(per_seed)), f"{m}_min": float(min(per_seed)), f"{m}_max": float(max(per_seed))}
+        out.append(entry)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    metrics = [m for m in ("psnr", "ssim", "lpips") if m in summary[0]]
+    lines = ["| model | scale | steps | seeds | " + " | ".join(m.upper() + " (Y)" * (m != "lpips") for m in metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    for e in summary:
+        cells = []
+        for m in metrics:
+            fmt = "{:.2f}" if m == "psnr" else "{:.4f}"
+            spread = f" ({fmt.format(e[m + '_min'])}..{fmt.format(e[m + '_max'])})" if e["seeds"] > 1 else ""
+            cells.append(fmt.format(e[m]) + spread)
+        steps = "-" if e["model"] == "bicubic" else e["steps"]
+        lines.append(f"| {e['model']} | x{e['scale']} | {steps} | {e['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
+    """metric vs steps (log scale), one line per checkpoint, bicubic as a dashed line; False if no matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for model in dict.fromkeys(e["model"] for e in summary):
+        pts = sorted((e["steps"], e[metric], e["scale"]) for e in summary if e["model"] == model)
+        if model == "bicubic":
+            for _, v, s in pts:
+                ax.axhline(v, linestyle="--", color="gray", linewidth=1)
+                ax.annotate(f"bicubic x{s}", (1, v), fontsize=8, color="gray")
+        else:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} (x{pts[0][2]})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("DDIM steps")
+    ax.set_ylabel(f"{metric.upper()} (Y channel)" if metric != "lpips" else "LPIPS")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpts", nargs="+", help="checkpoints to evaluate (each at its own scale)")
+    p.add_argument("--data", default="photos/test", help="folder of HR images (default: photos/test)")
+    p.add_argument("--steps", default="1", help="comma-separated DDIM step counts (default: 1)")
+    p.add_argument("--seeds", default="0", help="comma-separated noise seeds (default: 0)")
+    p.add_argument("--lpips", default="", help="folder with vgg16-397923af.pth and vgg.pth (LPIPS); default: skip")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--out", default="results/eval", help="writes OUT.json, OUT.csv, OUT.png (default: results/eval)")
+    args = p.parse_args(argv)
+    err = lambda msg: print(f"eval.py: error: {msg}", file=sys.stderr)
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        err("--steps and --seeds take comma-separated whole numbers, e.g. 1,2,4")
+        return 2
+    lpips = None
+    if args.lpips:
+        try:
+            lpips = LPIPS.load(args.lpips)
+        except FileNotFoundError as e:
+            err(str(e))
+            return 2
+    else:
+        print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
+    try:
+        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit)
+    except (FileNotFoundError, ValueError) as e:
+        err(str(e).splitlines()[0])
+        return 2
+    summary = summarize(rows)
+    print(table(summary))
+    write_atomic(args.out + ".json", json.dumps({"rows": rows, "summary": summary}, indent=1))
+    cols = list(rows[0].keys())
+    write_atomic(args.out + ".csv", "\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]) + "\n")
+    made = plot(summary, args.out + ".png")
+    print(f"wrote {args.out}.json, {args.out}.csv" + (f", {args.out}.png" if made else " (no matplotlib: no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

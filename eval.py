@@ -142,9 +142,13 @@ class LPIPS(nn.Module):
 # the evaluation
 
 
-def prepare(path: str, scale: int) -> tuple[np.ndarray, Image.Image]:
-    """HR (cropped to a multiple of the scale) as uint8 RGB, and its 8-bit bicubic LR image."""
+def prepare(path: str, scale: int, crop: int = 0) -> tuple[np.ndarray, Image.Image]:
+    """HR (a centre crop of `crop` pixels if given, cut to a multiple of the scale) as uint8 RGB, and its 8-bit
+    bicubic LR image."""
     img, _ = open_image(path)
+    if crop:
+        left, top = max(0, (img.width - crop) // 2), max(0, (img.height - crop) // 2)
+        img = img.crop((left, top, min(img.width, left + crop), min(img.height, top + crop)))
     w, h = img.width - img.width % scale, img.height - img.height % scale
     hr = img.crop((0, 0, w, h))
     lr = to_image(bicubic_lr(to_tensor(hr)[None], scale)[0])
@@ -158,7 +162,8 @@ def bicubic_up(lr: Image.Image, scale: int) -> np.ndarray:
 
 
 def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lpips: LPIPS | None = None,
-             limit: int | None = None, tile: int | None = 64, say=print) -> list[dict]:
+             limit: int | None = None, crop: int = 0, tile: int | None = 64, fix_colors: bool = False,
+             say=print) -> list[dict]:
     """One row per (checkpoint or 'bicubic', steps, seed, image) with psnr, ssim (and lpips)."""
     from sample import load_model, upscale
     files = list_images(data)[:limit]
@@ -179,14 +184,14 @@ def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lp
         model = load_model(ckpt)
         s = model.scale
         for path in files:
-            hr, lr = prepare(path, s)
+            hr, lr = prepare(path, s, crop)
             if s not in scales_done:
                 score("bicubic", 0, 0, path, bicubic_up(lr, s), hr, s)
             for n in steps:
                 for seed in seeds:
                     t0 = time.time()
-                    sr = np.asarray(upscale(lr, model, steps=n, seed=seed, tile=tile))
-                    score(os.path.basename(ckpt), n, seed, path, sr, hr, s)
+                    sr = np.asarray(upscale(lr, model, steps=n, seed=seed, tile=tile, fix_colors=fix_colors))
+                    score(os.path.basename(ckpt) + (" +colour fix" if fix_colors else ""), n, seed, path, sr, hr, s)
                     say(f"{os.path.basename(ckpt)} x{s} steps {n} seed {seed} {os.path.basename(path)}: "
                         f"PSNR {rows[-1]['psnr']:.2f} SSIM {rows[-1]['ssim']:.4f} ({time.time() - t0:.1f}s)")
         scales_done.add(s)
@@ -254,6 +259,30 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
     return True
 
 
+def figure(ckpt: str, image: str, path: str, box: int = 96, steps: int = 1) -> None:
+    """LR input | bicubic | yonos | HR, side by side, on a centre crop of `image` (`box` LR pixels a side)."""
+    from PIL import ImageDraw
+    from sample import load_model, upscale
+    model = load_model(ckpt)
+    s = model.scale
+    hr, lr = prepare(image, s)
+    left, top = (lr.width - box) // 2, (lr.height - box) // 2
+    lr = lr.crop((left, top, left + box, top + box))
+    hr = Image.fromarray(hr).crop((left * s, top * s, (left + box) * s, (top + box) * s))
+    panels = [("LR input (nearest)", lr.resize(hr.size, Image.NEAREST)),
+              ("bicubic", Image.fromarray(bicubic_up(lr, s))),
+              (f"yonos, {steps} step", upscale(lr, model, steps=steps)), ("HR", hr)]
+    w, h, pad = hr.width, hr.height, 24
+    canvas = Image.new("RGB", (4 * w + 3 * 4, h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, img) in enumerate(panels):
+        canvas.paste(img.convert("RGB"), (i * (w + 4), pad))
+        draw.text((i * (w + 4) + 4, 5), label, fill="black")
+    tmp = path + ".tmp.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
 def write_atomic(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -269,6 +298,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds (default: 0)")
     p.add_argument("--lpips", default="", help="folder with vgg16-397923af.pth and vgg.pth (LPIPS); default: skip")
     p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--color-fix", action="store_true", help="evaluate with sample.py's --color-fix")
+    p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
+    p.add_argument("--figure", default="", help="instead of the table: write LR | bicubic | yonos | HR for the first "
+                                                "image of --data to this PNG (first checkpoint)")
     p.add_argument("--out", default="results/eval", help="writes OUT.json, OUT.csv, OUT.png (default: results/eval)")
     args = p.parse_args(argv)
     err = lambda msg: print(f"eval.py: error: {msg}", file=sys.stderr)
@@ -278,6 +311,14 @@ def main(argv=None) -> int:
     except ValueError:
         err("--steps and --seeds take comma-separated whole numbers, e.g. 1,2,4")
         return 2
+    if args.figure:
+        files = list_images(args.data)
+        if not files:
+            err(f"{args.data}: no images")
+            return 2
+        figure(args.ckpts[0], files[0], args.figure, steps=steps[0])
+        print(f"wrote {args.figure}")
+        return 0
     lpips = None
     if args.lpips:
         try:
@@ -288,7 +329,7 @@ def main(argv=None) -> int:
     else:
         print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
     try:
-        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit)
+        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, fix_colors=args.color_fix)
     except (FileNotFoundError, ValueError) as e:
         err(str(e).splitlines()[0])
         return 2

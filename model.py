@@ -13,7 +13,7 @@ References:
 import json
 import math
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -254,7 +254,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.config = cfg
+        self.config = cfg = replace(cfg)  # a copy: widen_conv_in edits it, the presets must not change
         self.gradient_checkpointing = False
         ch = cfg.block_out_channels
         n, L, temb_ch = len(ch), cfg.layers_per_block, 4 * ch[0]

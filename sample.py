@@ -50,6 +50,23 @@ def blend_window(h: int, w: int, ramp: int) -> torch.Tensor:
     return (ramp1d(h)[:, None] * ramp1d(w)[None, :])[None, None]
 
 
+def wavelet_low(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Low-frequency part of (B, C, H, W): the a-trous wavelet blur (3x3 binomial kernel at dilations 1..16)."""
+    k = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
+    k = k.expand(x.shape[1], 1, 3, 3)
+    for i in range(levels):
+        d = 2 ** i
+        x = F.conv2d(F.pad(x, (d, d, d, d), mode="replicate"), k, dilation=d, groups=x.shape[1])
+    return x
+
+
+def color_fix(sr: torch.Tensor, x_up: torch.Tensor) -> torch.Tensor:
+    """Keeps the SR image's high frequencies and takes the low ones (colour, smooth shading) from the bicubic
+    input, as StableSR's wavelet colour fix (Wang et al. 2023, arXiv 2305.07015): it removes the colour casts
+    a small or briefly trained VAE leaves."""
+    return (sr - wavelet_low(sr) + wavelet_low(x_up)).clamp(-1, 1)
+
+
 @torch.no_grad()
 def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor, steps: int,
                         tile: int | None, overlap: int) -> torch.Tensor:
@@ -75,9 +92,10 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
 
 @torch.no_grad()
 def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, tile: int | None = 64,
-            overlap: int = 16) -> Image.Image:
+            overlap: int = 16, fix_colors: bool = False) -> Image.Image:
     """PIL image (any mode) -> PIL image `model.scale` times larger. RGBA keeps its alpha, upscaled bicubically;
-    other modes come back as RGB. `tile` and `overlap` are in latent cells (None: never tile)."""
+    other modes come back as RGB. `tile` and `overlap` are in latent cells (None: never tile); `fix_colors`
+    applies `color_fix` against the bicubic upsampling."""
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     device, dtype = model.context.device, model.context.dtype
     s, f = model.scale, model.vae.config.factor
@@ -93,7 +111,10 @@ def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, t
     g = torch.Generator().manual_seed(seed)
     shape = (1, model.vae.config.latent_channels, x_up.shape[2] // f, x_up.shape[3] // f)
     noise = torch.randn(shape, generator=g).to(device)
-    sr = super_resolve_tiled(model, x_up.to(dtype), noise.to(dtype), steps, tile, overlap)[..., :H, :W]
+    sr = super_resolve_tiled(model, x_up.to(dtype), noise.to(dtype), steps, tile, overlap)
+    if fix_colors:
+        sr = color_fix(sr.float(), x_up.float())
+    sr = sr[..., :H, :W]
     out = to_image(sr[0])
     if alpha is not None:
         out.putalpha(alpha.resize((W, H), Image.BICUBIC))
@@ -134,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--tile", type=int, default=64, help="tile size in latent cells; 0: never tile (default: 64)")
     p.add_argument("--overlap", type=int, default=16, help="tile overlap in latent cells (default: 16)")
+    p.add_argument("--color-fix", action="store_true", help="take low frequencies (colours) from the bicubic input")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model precision (default: fp32)")
     p.add_argument("--max-pixels", type=int, default=4_000_000,
@@ -174,7 +196,7 @@ def main(argv=None) -> int:
             if alpha is not None:
                 rgb.putalpha(alpha)
             t0 = time.time()
-            out = upscale(rgb, model, args.steps, args.seed, args.tile or None, args.overlap)
+            out = upscale(rgb, model, args.steps, args.seed, args.tile or None, args.overlap, args.color_fix)
             save_png(out, dst)
             print(f"{src} ({rgb.width}x{rgb.height}) -> {dst} ({out.width}x{out.height}, {time.time() - t0:.1f}s)")
         except (ValueError, OSError) as e:

@@ -395,6 +395,7 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
 import subprocess
 import sys
 
+import eval as ev
 import train
 from data import degrade
 
@@ -431,7 +432,9 @@ def tiny_chain(tmp_path_factory):
     train.main(tiny_cfg(tmp, scale=2, vae=out("vae.pt"), out=out("x2.pt")))
     train.main(tiny_cfg(tmp, scale=4, teacher=out("x2.pt"), out=out("x4.pt")))
     train.main(tiny_cfg(tmp, scale=8, teacher=out("x4.pt"), out=out("x8.pt")))
-    train.main(tiny_cfg(tmp, stage="decoder", unet=out("x4.pt"), out=out("x4_dec.pt"), gan_weight=0.1))
+    write_random_lpips(tmp / "lpips")
+    train.main(tiny_cfg(tmp, stage="decoder", unet=out("x4.pt"), out=out("x4_dec.pt"), gan_weight=0.1,
+                        lpips=str(tmp / "lpips")))
     return tmp
 
 
@@ -656,9 +659,6 @@ def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
 # eval.py: metrics against hand-computed values and scikit-image, LPIPS with random weights, the report files
 
 
-import eval as ev
-
-
 def test_psnr_y_matches_hand_computed_value():
     hr = np.full((20, 20, 3), 100, np.uint8)
     sr = hr + np.uint8(10)  # +10 on R, G and B moves Y by 10 * (65.481 + 128.553 + 24.966) / 255
@@ -680,15 +680,22 @@ def test_ssim_y_matches_scikit_image():
     assert ev.ssim_y(hr, hr, 4) == pytest.approx(1.0)
 
 
-def test_lpips_loads_published_layout_with_random_weights(tmp_path):
+def write_random_lpips(folder) -> "ev.LPIPS":
+    """Random LPIPS weights in the published layout: torchvision's VGG16 file and the lpips package's heads."""
     torch.manual_seed(0)
     ref = ev.LPIPS()
     vgg = {f"features.{k}.{p}": v for k, m in ref.features.items() for p, v in m.state_dict().items()}
     vgg |= {"classifier.0.weight": torch.zeros(2, 2)}  # torchvision's file has the classifier too
     for lin in ref.lins:
         torch.nn.init.uniform_(lin.weight, 0, 1)
-    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
-    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(ref.lins)}, tmp_path / "vgg.pth")
+    os.makedirs(folder, exist_ok=True)
+    torch.save(vgg, os.path.join(folder, "vgg16-397923af.pth"))
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(ref.lins)}, os.path.join(folder, "vgg.pth"))
+    return ref
+
+
+def test_lpips_loads_published_layout_with_random_weights(tmp_path):
+    ref = write_random_lpips(tmp_path)
     lpips = ev.LPIPS.load(str(tmp_path))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
@@ -719,3 +726,14 @@ def test_eval_reports_table_files_and_plot(tmp_path, random_ckpt, capsys):
     with open(tmp_path / "res.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert Image.open(tmp_path / "res.png").size[0] > 100
+
+
+def test_color_fix_removes_a_colour_cast_and_keeps_detail():
+    torch.manual_seed(0)
+    x_up = torch.rand(1, 3, 64, 64) * 1.2 - 0.6
+    detail = 0.2 * torch.randn(1, 3, 64, 64)
+    sr = x_up + detail + torch.tensor([0.3, -0.2, 0.1])[None, :, None, None]  # a cast + new high frequencies
+    fixed = sample.color_fix(sr, x_up)
+    assert (fixed - x_up).mean((0, 2, 3)).abs().max() < 0.01  # the cast is gone
+    assert torch.allclose(sample.color_fix(x_up, x_up), x_up, atol=1e-6)
+    assert ((fixed - x_up) - (detail - sample.wavelet_low(detail))).abs().mean() < 0.02  # the detail stays

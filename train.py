@@ -54,15 +54,15 @@ class TrainConfig:
     steps: int = 1000            # optimizer steps in total (--resume continues up to this)
     lr: float = 0.0              # AdamW learning rate (default: 5e-5 sd, 5e-4 tiny)
     warmup: int = 100            # linear warm-up steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0    # AdamW weight decay
     grad_clip: float = 1.0       # max gradient norm (0: off)
     perceptual_weight: float = 1.0  # stage decoder: LPIPS weight, used when --lpips is given
-    lpips: str = ""              # stage decoder: LPIPS weights file (see eval.py); without it, L1 (+ GAN) only
+    lpips: str = ""              # stage decoder: folder with LPIPS weights (vgg16-397923af.pth, vgg.pth); else no LPIPS
     gan_weight: float = 0.0      # stage decoder: patch-GAN hinge weight (0: no discriminator)
     val_every: int = 250         # validate every N steps (and at the end)
     save_every: int = 250        # write checkpoint + resume state every N steps (and at the end)
     log_every: int = 10          # append a metrics line every N steps
-    seed: int = 0
+    seed: int = 0                # seeds the model init, the crops and the noise: a run is a function of it
     resume: bool = False         # continue from <out>.state
     precision: str = "auto"      # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
     grad_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~30% slower
@@ -153,10 +153,12 @@ def build(cfg: TrainConfig, device: torch.device, say) -> dict:
         return {"vae": AutoencoderKL(VAE_PRESETS["tiny"]).to(device)}
     if cfg.stage == "decoder":
         model = YonosSR.load(cfg.unet, device=str(device))
-        if model.scale != cfg.scale:
-            say(f"note: {cfg.unet} is a x{model.scale} model; training its decoder at x{model.scale}")
-            cfg.scale = model.scale
-        return {"bundle": model}
+        lpips = None
+        if cfg.lpips:
+            from eval import LPIPS
+            lpips = LPIPS.load(cfg.lpips).to(device)
+        cfg.scale = model.scale  # the decoder is tuned at the scale its U-Net was trained for
+        return {"bundle": model, "lpips": lpips}
     if cfg.teacher:  # scale distillation: the student starts as a copy of the teacher
         teacher = YonosSR.load(cfg.teacher, device=str(device))
         if teacher.scale * 2 != cfg.scale:
@@ -260,9 +262,9 @@ def main(cfg: TrainConfig) -> nn.Module:
                 disc = PatchDiscriminator(width=16 if cfg.config == "tiny" else 64).to(device)
     params = [p for p in trained.parameters() if p.requires_grad]
     if cfg.stage == "decoder":  # the frozen U-Net and encoder must not be touched (YONOS-SR sec. 3.3)
-        frozen = {id(p) for m in (bundle.unet, bundle.vae.encoder, bundle.vae.quant_conv) for p in m.parameters()}
-        assert not any(id(p) in frozen for p in params)
-        assert not any(p.requires_grad for m in (bundle.unet, bundle.vae.encoder) for p in m.parameters())
+        frozen = [bundle.unet, bundle.vae.encoder, bundle.vae.quant_conv]
+        assert not {id(p) for p in params} & {id(p) for part in frozen for p in part.parameters()}
+        assert not any(p.requires_grad for part in frozen for p in part.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc is not None else None
     trained_ddp = wrap(trained, world, device)
@@ -430,12 +432,12 @@ def parse_args(argv=None) -> TrainConfig:
             helps[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")
         if f.type is bool:
-            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
+            p.add_argument(flag, action="store_true", help=text)
         else:
             p.add_argument(flag, type=f.type, default=f.default, metavar=f.name.upper(),
-                           help=f"{helps.get(f.name, '')} [default: {f.default!r}]")
+                           help=text if "default" in text else f"{text} (default: {f.default!r})")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

@@ -9,7 +9,7 @@ References:
   Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv 2112.10752
   Kingma & Welling, "Auto-Encoding Variational Bayes", arXiv 1312.6114
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -151,7 +151,7 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.config = cfg
+        self.config = cfg = replace(cfg)  # a copy: train.py measures and stores the scaling factor in it
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)

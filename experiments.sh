@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The tiny-scale reproduction (README, "Results we measured"), from scratch on a 2-core CPU:
+#   the tiny VAE; x2 teacher; x4 plain vs x4 distilled from x2; x8 plain vs x8 distilled from x4;
+#   the decoder fine-tune on the distilled x4 (the shipped model); then eval.py on held-out photos.
+# Independent runs go in pairs, one thread each. Usage: bash experiments.sh [RUN_DIR]   (default: runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-.venv/bin/python}
+RUN=${1:-runs}
+STEPS=${STEPS:-2000}
+mkdir -p "$RUN" results
+[ -d photos/train ] || $PY data.py --export-photos photos
+T="$PY train.py --config tiny --data photos/train --val-data photos/test --crop 32 --quiet --threads 1"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
+
+[ -f "$RUN/vae.pt" ] || $T --stage vae --steps 3000 --lr 3e-4 --crop 64 --threads 2 --val-every 500 --out "$RUN/vae.pt"
+stamp "vae done"
+$T --scale 2 --vae "$RUN/vae.pt" --steps "$STEPS" --out "$RUN/x2.pt" &
+$T --scale 4 --vae "$RUN/vae.pt" --steps "$STEPS" --out "$RUN/x4_plain.pt" &
+wait; stamp "x2 teacher and x4 plain done"
+$T --scale 4 --teacher "$RUN/x2.pt" --steps "$STEPS" --out "$RUN/x4.pt" &
+$T --scale 8 --vae "$RUN/vae.pt" --steps "$STEPS" --out "$RUN/x8_plain.pt" &
+wait; stamp "x4 distilled and x8 plain done"
+$T --scale 8 --teacher "$RUN/x4.pt" --steps "$STEPS" --out "$RUN/x8.pt" &
+$T --stage decoder --unet "$RUN/x4.pt" --steps $((STEPS / 2)) --lr 1e-4 --out "$RUN/x4_dec.pt" &
+wait; stamp "x8 distilled and decoder done"
+
+E="$PY eval.py --data photos/test --crop 192"
+$E "$RUN/x4_plain.pt" "$RUN/x4.pt" --steps 1,2,4,8,16,64 --seeds 0,1 --out results/x4 > results/x4.txt
+$E "$RUN/x8_plain.pt" "$RUN/x8.pt" --steps 1,2,4,8,16,64 --seeds 0,1 --out results/x8 > results/x8.txt
+$E "$RUN/x4.pt" "$RUN/x4_dec.pt" --steps 1 --seeds 0,1 --out results/decoder > results/decoder.txt
+$PY eval.py "$RUN/x4_dec.pt" "$RUN/x4.pt" --data photos/test --steps 1 --seeds 0,1 --out results/shipped > results/shipped.txt
+$PY eval.py "$RUN/x4_dec.pt" --data photos/test --steps 1 --seeds 0,1 --color-fix --out results/shipped_colorfix > results/shipped_colorfix.txt
+stamp "evaluation done"
+
+# the shipped model, the quick-start example (the 8-bit x4 LR of a held-out photo) and the README picture
+cp "$RUN/x4_dec.pt" assets/yonos_tiny_x4.pt
+$PY -c "import eval; eval.prepare('photos/test/china.png', 4)[1].save('assets/example.png')"
+$PY eval.py assets/yonos_tiny_x4.pt --data photos/test --figure assets/figure.png
+stamp "assets written"

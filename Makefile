@@ -24,21 +24,8 @@ test: $(VENV)/.dev
 
 .PHONY: sample test
 
-# ---------------------------------------------------------------------------------------------
-# the shipped teaching model, trained from scratch on this repo's offline photos (CPU, 2 threads)
-PHOTOS := photos
-RUN := runs
-TRAIN := $(BIN)/python train.py --config tiny --data $(PHOTOS)/train --val-data $(PHOTOS)/test --quiet
+# the tiny-scale experiments and the shipped model (about an hour on 2 cores): see experiments.sh
+experiments: $(VENV)/.dev
+	bash experiments.sh runs
 
-$(PHOTOS)/train: $(VENV)/.dev
-	$(BIN)/python data.py --export-photos $(PHOTOS)
-
-tiny-model: $(PHOTOS)/train
-	mkdir -p $(RUN)
-	$(TRAIN) --stage vae --steps 4000 --lr 3e-4 --out $(RUN)/vae.pt
-	$(TRAIN) --scale 2 --vae $(RUN)/vae.pt --steps 2000 --out $(RUN)/x2.pt
-	$(TRAIN) --scale 4 --teacher $(RUN)/x2.pt --steps 2000 --out $(RUN)/x4.pt
-	$(TRAIN) --stage decoder --unet $(RUN)/x4.pt --steps 1000 --lr 1e-4 --out $(RUN)/x4_dec.pt
-	cp $(RUN)/x4_dec.pt assets/yonos_tiny_x4.pt
-
-.PHONY: tiny-model
+.PHONY: experiments

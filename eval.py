@@ -2,6 +2,7 @@
 Measures super-resolution checkpoints against the bicubic baseline on a folder of HR images.
 
   python eval.py assets/yonos_tiny_x4.pt --data photos/test --steps 1,2,4 --seeds 0,1 --out results/x4
+  python eval.py runs/vae.pt --data photos/test --out results/vae     # a VAE file: reconstruction vs bicubic
 
 Each HR image is cropped to a multiple of the scale, degraded deterministically (bicubic, antialiased, then
 rounded to 8 bits like a real LR file), super-resolved at every requested step count and seed, and compared
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import bicubic_lr, list_images, open_image, resize, to_image, to_tensor
+from model import read_checkpoint
+from vae import AutoencoderKL
 
 # -----------------------------------------------------------------------------
 # PSNR and SSIM on the Y channel
@@ -163,8 +166,9 @@ def bicubic_up(lr: Image.Image, scale: int) -> np.ndarray:
 
 def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lpips: LPIPS | None = None,
              limit: int | None = None, crop: int = 0, tile: int | None = 64, fix_colors: bool = False,
-             say=print) -> list[dict]:
-    """One row per (checkpoint or 'bicubic', steps, seed, image) with psnr, ssim (and lpips)."""
+             vae_scale: int = 4, say=print) -> list[dict]:
+    """One row per (checkpoint or 'bicubic', steps, seed, image) with psnr, ssim (and lpips). A VAE-only
+    checkpoint gets its reconstruction scored, next to bicubic at `vae_scale`."""
     from sample import load_model, upscale
     files = list_images(data)[:limit]
     if not files:
@@ -181,6 +185,19 @@ def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lp
 
     scales_done = set()
     for ckpt in ckpts:
+        if "unet" not in read_checkpoint(ckpt)[1]:  # a VAE file: its reconstruction bounds every SR model on it
+            vae = AutoencoderKL.load(ckpt).eval()
+            for path in files:
+                hr, lr = prepare(path, vae_scale, crop)
+                hr = hr[:hr.shape[0] - hr.shape[0] % vae.config.factor, :hr.shape[1] - hr.shape[1] % vae.config.factor]
+                if vae_scale not in scales_done:
+                    score("bicubic", 0, 0, path, bicubic_up(lr, vae_scale)[:hr.shape[0], :hr.shape[1]], hr, vae_scale)
+                with torch.no_grad():
+                    rec = vae.decode(vae.encode(to_tensor(Image.fromarray(hr))[None])[0])
+                score(os.path.basename(ckpt) + " (reconstruction)", 0, 0, path, np.asarray(to_image(rec[0])), hr,
+                      vae_scale)
+            scales_done.add(vae_scale)
+            continue
         model = load_model(ckpt)
         s = model.scale
         for path in files:
@@ -224,8 +241,22 @@ def table(summary: list[dict]) -> str:
             fmt = "{:.2f}" if m == "psnr" else "{:.4f}"
             spread = f" ({fmt.format(e[m + '_min'])}..{fmt.format(e[m + '_max'])})" if e["seeds"] > 1 else ""
             cells.append(fmt.format(e[m]) + spread)
-        steps = "-" if e["model"] == "bicubic" else e["steps"]
+        steps = "-" if e["steps"] == 0 else e["steps"]
         lines.append(f"| {e['model']} | x{e['scale']} | {steps} | {e['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_image_table(rows: list[dict], metric: str = "psnr") -> str:
+    """metric per image (mean over seeds) for each (model, steps): the numbers behind the averages."""
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    keys = list(dict.fromkeys((r["model"], r["scale"], r["steps"]) for r in rows))
+    lines = [f"| model | scale | steps | " + " | ".join(images) + " |", "|---|---|---|" + "---|" * len(images)]
+    for model, scale, n in keys:
+        cells = []
+        for im in images:
+            vals = [r[metric] for r in rows if (r["model"], r["scale"], r["steps"], r["image"]) == (model, scale, n, im)]
+            cells.append(f"{np.mean(vals):.2f}" if vals else "")
+        lines.append(f"| {model} | x{scale} | {'-' if n == 0 else n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -240,6 +271,8 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for model in dict.fromkeys(e["model"] for e in summary):
         pts = sorted((e["steps"], e[metric], e["scale"]) for e in summary if e["model"] == model)
+        if pts[0][0] == 0 and model != "bicubic":  # VAE reconstructions have no steps
+            continue
         if model == "bicubic":
             for _, v, s in pts:
                 ax.axhline(v, linestyle="--", color="gray", linewidth=1)
@@ -298,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds (default: 0)")
     p.add_argument("--lpips", default="", help="folder with vgg16-397923af.pth and vgg.pth (LPIPS); default: skip")
     p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--vae-scale", type=int, default=4, help="for VAE files: the bicubic scale to compare with")
     p.add_argument("--color-fix", action="store_true", help="evaluate with sample.py's --color-fix")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
     p.add_argument("--figure", default="", help="instead of the table: write LR | bicubic | yonos | HR for the first "
@@ -329,12 +363,14 @@ def main(argv=None) -> int:
     else:
         print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
     try:
-        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, fix_colors=args.color_fix)
+        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, fix_colors=args.color_fix,
+                        vae_scale=args.vae_scale)
     except (FileNotFoundError, ValueError) as e:
         err(str(e).splitlines()[0])
         return 2
     summary = summarize(rows)
     print(table(summary))
+    print("\nPSNR (Y) per image, mean over seeds:\n" + per_image_table(rows))
     write_atomic(args.out + ".json", json.dumps({"rows": rows, "summary": summary}, indent=1))
     cols = list(rows[0].keys())
     write_atomic(args.out + ".csv", "\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]) + "\n")

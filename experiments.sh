@@ -10,11 +10,15 @@ RUN=${1:-runs}
 STEPS=${STEPS:-2000}
 mkdir -p "$RUN" results
 [ -d photos/train ] || $PY data.py --export-photos photos
-T="$PY train.py --config tiny --data photos/train --val-data photos/test --crop 32 --quiet --threads 1"
+T="$PY train.py --config tiny --data photos/train --val-data photos/test --crop 32 --lr-schedule cosine --quiet --threads 1"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
-[ -f "$RUN/vae.pt" ] || $T --stage vae --steps 3000 --lr 3e-4 --crop 64 --threads 2 --val-every 500 --out "$RUN/vae.pt"
+# the VAE ran at a constant rate for 1,500 steps, then resumed with a cosine decay to step 3,000
+if [ ! -f "$RUN/vae.pt" ]; then
+  $T --stage vae --steps 1500 --lr 3e-4 --lr-schedule constant --crop 64 --threads 2 --val-every 500 --out "$RUN/vae.pt"
+  $T --stage vae --steps 3000 --lr 3e-4 --lr-schedule cosine --crop 64 --threads 2 --val-every 500 --out "$RUN/vae.pt" --resume
+fi
 stamp "vae done"
 $T --scale 2 --vae "$RUN/vae.pt" --steps "$STEPS" --out "$RUN/x2.pt" &
 $T --scale 4 --vae "$RUN/vae.pt" --steps "$STEPS" --out "$RUN/x4_plain.pt" &

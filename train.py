@@ -54,6 +54,7 @@ class TrainConfig:
     steps: int = 1000            # optimizer steps in total (--resume continues up to this)
     lr: float = 0.0              # AdamW learning rate (default: 5e-5 sd, 5e-4 tiny)
     warmup: int = 100            # linear warm-up steps
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine (decays to 0 at --steps)
     weight_decay: float = 0.0    # AdamW weight decay
     grad_clip: float = 1.0       # max gradient norm (0: off)
     perceptual_weight: float = 1.0  # stage decoder: LPIPS weight, used when --lpips is given
@@ -76,6 +77,8 @@ class TrainConfig:
         tiny = self.config == "tiny"
         if self.config not in ("sd", "tiny"):
             fail(f"--config must be sd or tiny, not {self.config!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            fail(f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.stage not in ("sr", "decoder", "vae"):
             fail(f"--stage must be sr, decoder or vae, not {self.stage!r}")
         if self.stage == "vae" and not tiny:
@@ -319,8 +322,8 @@ def main(cfg: TrainConfig) -> nn.Module:
     for batch in loader:
         x_h = batch["hr"].to(device)
         g = torch.Generator(device).manual_seed(cfg.seed * 7919 + step * world + rank)
-        for group in opt.param_groups:  # linear warm-up, then constant
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         with autocast():
             if cfg.stage == "vae":
                 loss, logs = vae_loss(trained_ddp, x_h, g)
@@ -381,6 +384,14 @@ def main(cfg: TrainConfig) -> nn.Module:
         dist.barrier()
     say(f"wrote {cfg.out}")
     return vae if cfg.stage == "vae" else bundle
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or a cosine decay to 0 at cfg.steps."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return lr
 
 
 class DecoderHead(nn.Module):

@@ -337,8 +337,9 @@ class UNet(nn.Module):
         """Loads a diffusers-layout U-Net from a Hub repo id or a local folder (see `fetch_pretrained`)."""
         config, state = fetch_pretrained(repo_or_path, subfolder, "diffusion_pytorch_model", revision, variant,
                                          **hub_kwargs)
-        model = cls(UNetConfig.from_diffusers(config))
-        load_checked(model, state, f"{repo_or_path}/{subfolder}")
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = cls(UNetConfig.from_diffusers(config))
+        load_checked(model, state, f"{repo_or_path}/{subfolder}", assign=True)
         return model
 
 
@@ -452,8 +453,9 @@ def load_empty_prompt_context(repo_or_path: str, revision: str | None = None, **
     # transformers < 5 saved CLIPTextModel under "text_model." with a position_ids buffer; 5.x saves neither
     state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
              if not k.endswith("position_ids")}
-    enc = TextEncoder(CLIPTextConfig.from_transformers(config))
-    load_checked(enc, state, f"{repo_or_path}/text_encoder")
+    with torch.device("meta"):
+        enc = TextEncoder(CLIPTextConfig.from_transformers(config))
+    load_checked(enc, state, f"{repo_or_path}/text_encoder", assign=True)
     bos, eos, pad = special_token_ids(os.path.join(config["_folder"], "..", "tokenizer"))
     return enc.eval()(empty_prompt_ids(bos, eos, pad, enc.config.max_position_embeddings))
 
@@ -499,9 +501,10 @@ def fetch_pretrained(repo_or_path: str, subfolder: str, weights: str, revision: 
     return config, load_file(os.path.join(folder, fname))
 
 
-def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None = None) -> None:
+def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None = None, assign: bool = False) -> None:
     """load_state_dict(strict=True) after checking key set and shapes, with a message naming the first
-    mismatches. `renames` maps legacy key fragments to ours (see vae.py)."""
+    mismatches. `renames` maps legacy key fragments to ours (see vae.py). With `assign`, the model (built on
+    the meta device) takes the given tensors as its parameters, cast to fp32, so loading never holds two copies."""
     for old, new in (renames or {}).items():
         state = {k.replace(old, new): v for k, v in state.items()}
     ours = model.state_dict()
@@ -515,7 +518,9 @@ def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None 
         msg = "; ".join(f"{len(keys)} {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                         for what, keys in problems)
         raise ValueError(f"{name}: weights do not fit the model: {msg}")
-    model.load_state_dict(state, strict=True)
+    if assign:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 # -----------------------------------------------------------------------------

@@ -178,8 +178,9 @@ class AutoencoderKL(nn.Module):
         """Loads a diffusers-layout VAE from a Hub repo id or a local folder (see model.fetch_pretrained)."""
         config, state = fetch_pretrained(repo_or_path, subfolder, "diffusion_pytorch_model", revision, variant,
                                          **hub_kwargs)
-        model = cls(VAEConfig.from_diffusers(config))
-        load_checked(model, state, f"{repo_or_path}/{subfolder}", renames=LEGACY_RENAMES)
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = cls(VAEConfig.from_diffusers(config))
+        load_checked(model, state, f"{repo_or_path}/{subfolder}", renames=LEGACY_RENAMES, assign=True)
         return model
 
     def save(self, path: str) -> None:
@@ -191,7 +192,8 @@ class AutoencoderKL(nn.Module):
         tensors, header = read_checkpoint(path)
         if "vae" not in header:
             raise ValueError(f"{path}: holds no VAE")
-        model = cls(config_from_dict(VAEConfig, header["vae"]))
+        with torch.device("meta"):
+            model = cls(config_from_dict(VAEConfig, header["vae"]))
         load_checked(model, {k.removeprefix("vae."): v for k, v in tensors.items() if not k.startswith("unet.")
-                             and k != "context"}, path)
+                             and k != "context"}, path, assign=True)
         return model

@@ -232,8 +232,9 @@ class YonosSR(nn.Module):
         tensors, header = read_checkpoint(path)
         if "unet" not in header:
             raise ValueError(f"{path}: holds no SR U-Net (a VAE-only file? pass it as --vae)")
-        unet = UNet(config_from_dict(UNetConfig, header["unet"]))
-        vae = AutoencoderKL(config_from_dict(VAEConfig, header["vae"]))
+        with torch.device("meta"):  # the weights are assigned from the file: one copy in memory, no random init
+            unet = UNet(config_from_dict(UNetConfig, header["unet"]))
+            vae = AutoencoderKL(config_from_dict(VAEConfig, header["vae"]))
         model = cls(unet, vae, tensors["context"], header["scale"], header.get("meta"))
-        load_checked(model, tensors, path)
+        load_checked(model, tensors, path, assign=True)
         return model.to(device)

@@ -532,6 +532,9 @@ def save_checkpoint(path: str, tensors: dict, header: dict) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata={"yonos": json.dumps(header)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file
     os.replace(tmp, path)
 
 

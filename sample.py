@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import MAX_PIXELS, list_images, open_image, resize, to_image, to_tensor
+from data import list_images, open_image, resize, to_image, to_tensor
 from yonos import YonosSR
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -21,6 +21,19 @@ from vae import VAE_PRESETS, AutoencoderKL
 from yonos import YonosSR
 
 
+def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
+    """Median wall times of two functions measured alternately (a b, b a, ...), after one warm-up call each,
+    so drifts in machine load hit both alike."""
+    fa(), fb()
+    ta, tb = [], []
+    for r in range(repeats):
+        for fn, out in ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls after one warm-up call."""
     fn()
@@ -52,8 +65,8 @@ def main(argv=None) -> dict:
     h = args.latent
     x, t, ctx = torch.randn(1, 4, h, h), torch.tensor([999]), torch.randn(1, 77, cfg.cross_attention_dim)
     res = {"threads": torch.get_num_threads(), "latent": h}
-    res["unet_ours_s"] = timed(lambda: ours(x, t, ctx), args.repeats)
-    res["unet_diffusers_s"] = timed(lambda: ref(x, t, ctx), args.repeats)
+    res["unet_ours_s"], res["unet_diffusers_s"] = timed_pair(lambda: ours(x, t, ctx), lambda: ref(x, t, ctx),
+                                                             args.repeats)
     res["unet_ratio"] = res["unet_ours_s"] / res["unet_diffusers_s"]
     print(f"U-Net forward {h}x{h} latent: ours {res['unet_ours_s']:.2f}s, diffusers {res['unet_diffusers_s']:.2f}s, "
           f"ratio {res['unet_ratio']:.3f}")
@@ -62,8 +75,8 @@ def main(argv=None) -> dict:
     vae = AutoencoderKL(VAE_PRESETS["sd"]).eval()
     vae.load_state_dict(ref_vae.state_dict())
     z = torch.randn(1, 4, h, h)
-    res["decode_ours_s"] = timed(lambda: vae.decode(z), args.repeats)
-    res["decode_diffusers_s"] = timed(lambda: ref_vae.decode(z), args.repeats)
+    res["decode_ours_s"], res["decode_diffusers_s"] = timed_pair(lambda: vae.decode(z), lambda: ref_vae.decode(z),
+                                                                 args.repeats)
     res["decode_ratio"] = res["decode_ours_s"] / res["decode_diffusers_s"]
     print(f"VAE decode {h * 8}x{h * 8}: ours {res['decode_ours_s']:.2f}s, diffusers {res['decode_diffusers_s']:.2f}s, "
           f"ratio {res['decode_ratio']:.3f}")

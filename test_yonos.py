@@ -554,7 +554,9 @@ def photo(w=37, h=53, mode="RGB", seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
     img = Image.fromarray(a, "RGBA")
-    return img if mode in ("RGBA", "LA") and mode == "RGBA" else img.convert(mode if mode == "LA" else "RGB").convert(mode)
+    if mode == "RGBA":
+        return img
+    return img.convert("LA" if mode == "LA" else "RGB").convert(mode)  # P from RGB, so it has no transparency
 
 
 def run_sample(args, capsys):

@@ -28,6 +28,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import SRPairs, center_crops, degrade
+from eval import write_atomic
 from model import UNET_PRESETS, UNet, load_empty_prompt_context, widen_conv_in
 from vae import VAE_PRESETS, AutoencoderKL
 from yonos import (YonosSR, PatchDiscriminator, decoder_loss, discriminator_loss, ddim_sample, make_alphas_cumprod,
@@ -292,7 +293,7 @@ def main(cfg: TrainConfig) -> nn.Module:
         keep = []
         if cfg.resume and os.path.isfile(log_path):
             keep = [line for line in open(log_path) if json.loads(line).get("step", 0) <= start]
-        write_atomic_text(log_path, "".join(keep))
+        write_atomic(log_path, "".join(keep))
 
     teacher_scale = cfg.scale // 2 if teacher is not None else None
     data = SRPairs(cfg.data, cfg.crop, cfg.scale, teacher_scale, cfg.degradation, cfg.seed)
@@ -424,12 +425,6 @@ def measure_scaling_factor(vae: AutoencoderKL, data: SRPairs, cfg: TrainConfig, 
     mean, _ = vae.encode(x)
     vae.config.scaling_factor = float(1 / mean.std())
     say(f"latent scaling factor: {vae.config.scaling_factor:.4f}")
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------

@@ -7,13 +7,16 @@ Measures super-resolution checkpoints against the bicubic baseline on a folder o
 Each HR image is cropped to a multiple of the scale, degraded deterministically (bicubic, antialiased, then
 rounded to 8 bits like a real LR file), super-resolved at every requested step count and seed, and compared
 with the HR image: PSNR and SSIM on the Y channel of YCbCr (ITU-R BT.601) with a border of `scale` pixels
-cropped, the usual SR convention; LPIPS (VGG) when --lpips names its weights. Writes <out>.json, <out>.csv
-and, if matplotlib is installed, <out>.png (metric vs steps, one line per checkpoint).
+cropped, the usual SR convention; LPIPS (VGG) when --lpips names its weights and FID (InceptionV3) when --fid
+does (a file, a folder or a Hub repo id; each is skipped with a note when not given). Writes <out>.json, <out>.csv and,
+if matplotlib is installed, <out>.png (metric vs steps, one line per checkpoint).
 
 References:
   Wang et al., "Image Quality Assessment: From Error Visibility to Structural Similarity" (SSIM), IEEE TIP 2004
   Zhang et al., "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric" (LPIPS), arXiv 1801.03924
   Simonyan & Zisserman, "Very Deep Convolutional Networks" (VGG16), arXiv 1409.1556
+  Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium" (FID),
+    arXiv 1706.08500; Szegedy et al., "Rethinking the Inception Architecture" (InceptionV3), arXiv 1512.00567
 """
 import argparse
 import json
@@ -72,7 +75,24 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
 
 
 # -----------------------------------------------------------------------------
-# LPIPS (VGG16), weights from a folder: no download, no torchvision
+# LPIPS (VGG16), weights from a folder or the Hub (no torchvision)
+
+
+def fetch_weights(spec: str, filename: str) -> str:
+    """Local path of `filename` given a file, a folder holding it, or a Hub repo id (org/name) holding it
+    (through huggingface_hub: its cache and HF_HUB_OFFLINE apply)."""
+    if os.path.isfile(spec):
+        return spec
+    if os.path.isdir(spec) or os.path.exists(spec) or spec.count("/") != 1:
+        path = os.path.join(spec, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights not found: {path}")
+        return path
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(spec, filename)
+    except Exception as e:  # missing repo or file, offline and not cached, ...
+        raise FileNotFoundError(f"weights not found: {filename} in {spec} ({type(e).__name__})") from None
 
 
 VGG16_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
@@ -126,12 +146,12 @@ class LPIPS(nn.Module):
         return d.flatten()
 
     @classmethod
-    def load(cls, folder: str) -> "LPIPS":
-        """Reads torchvision's VGG16 weights and the lpips linear heads from `folder`."""
-        paths = {name: os.path.join(folder, name) for name in ("vgg16-397923af.pth", "vgg.pth")}
-        missing = [p for p in paths.values() if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"LPIPS weights not found: {', '.join(missing)}")
+    def load(cls, spec: str) -> "LPIPS":
+        """Reads torchvision's VGG16 weights and the lpips linear heads from a folder or a Hub repo holding both."""
+        if os.path.isfile(spec):
+            raise FileNotFoundError(f"weights not found: {spec} is a file; LPIPS needs the folder (or Hub repo) "
+                                    "holding vgg16-397923af.pth and vgg.pth")
+        paths = {name: fetch_weights(spec, name) for name in ("vgg16-397923af.pth", "vgg.pth")}
         vgg = torch.load(paths["vgg16-397923af.pth"], map_location="cpu", weights_only=True)
         lin = torch.load(paths["vgg.pth"], map_location="cpu", weights_only=True)
         state = {k: v for k, v in vgg.items() if k.startswith("features.")}
@@ -139,6 +159,162 @@ class LPIPS(nn.Module):
         model = cls()
         model.load_state_dict(state | {"shift": model.shift, "scale": model.scale}, strict=True)
         return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# FID: Frechet distance between Gaussians fitted to InceptionV3 pool features of two image sets
+
+
+class BasicConv(nn.Module):
+    """conv (no bias) -> batch norm -> ReLU; torchvision's names (`conv`, `bn`)."""
+
+    def __init__(self, cin: int, cout: int, kernel, stride: int = 1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def chain(block: nn.Module, names: str, x: torch.Tensor) -> torch.Tensor:
+    for name in names.split():
+        x = getattr(block, name)(x)
+    return x
+
+
+def pool3(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's 3x3 average pool: padded zeros do not count (the FID graph differs here from torchvision)."""
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # 35x35: 1x1 | 5x5 | two 3x3 | pool
+    def __init__(self, cin: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = BasicConv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = BasicConv(cin, 48, 1), BasicConv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv(64, 96, 3, padding=1), BasicConv(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), chain(self, "branch5x5_1 branch5x5_2", x),
+                          chain(self, "branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3", x), self.branch_pool(pool3(x))], 1)
+
+
+class InceptionB(nn.Module):  # 35x35 -> 17x17
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch3x3 = BasicConv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv(64, 96, 3, padding=1), BasicConv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), chain(self, "branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3", x),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionC(nn.Module):  # 17x17: factorised 7x7 convolutions (1x7 then 7x1)
+    def __init__(self, cin: int, c7: int):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **row), BasicConv(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv(c7, c7, **row), BasicConv(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv(c7, 192, **row)
+        self.branch_pool = BasicConv(cin, 192, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), chain(self, "branch7x7_1 branch7x7_2 branch7x7_3", x),
+                          chain(self, " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)), x), self.branch_pool(pool3(x))], 1)
+
+
+class InceptionD(nn.Module):  # 17x17 -> 8x8
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = BasicConv(cin, 192, 1), BasicConv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([chain(self, "branch3x3_1 branch3x3_2", x),
+                          chain(self, "branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4", x), F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionE(nn.Module):  # 8x8: 3x3 convolutions split into parallel 1x3 and 3x1
+    def __init__(self, cin: int, max_pool: bool):
+        super().__init__()
+        self.max_pool = max_pool  # the FID graph's last block max-pools (pytorch-fid keeps this quirk)
+        self.branch1x1 = BasicConv(cin, 320, 1)
+        self.branch3x3_1 = BasicConv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = BasicConv(384, 384, (1, 3), padding=(0, 1)), BasicConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv(cin, 448, 1), BasicConv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv(384, 384, (1, 3), padding=(0, 1)), BasicConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = chain(self, "branch3x3dbl_1 branch3x3dbl_2", x)
+        pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else pool3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
+
+
+class InceptionV3(nn.Module):
+    """The InceptionV3 graph of the original TensorFlow FID code (Heusel et al. 2017, arXiv 1706.08500), with the
+    parameter names of pytorch-fid's port, so `InceptionV3.load` reads its published
+    `pt_inception-2015-12-05-6726825d.pth` (weights only; the 1008-way classifier is not needed and skipped).
+    forward: images in [-1, 1], any size -> (B, 2048) pool features, after a bilinear resize to 299x299."""
+
+    WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = chain(self, "Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3", x)
+        x = chain(self, "Conv2d_3b_1x1 Conv2d_4a_3x3", F.max_pool2d(x, 3, 2))
+        x = F.max_pool2d(x, 3, 2)
+        x = chain(self, "Mixed_5b Mixed_5c Mixed_5d Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e Mixed_7a Mixed_7b Mixed_7c", x)
+        return x.mean((2, 3))
+
+    @classmethod
+    def load(cls, spec: str) -> "InceptionV3":
+        """From the weights file, a folder holding it, or a Hub repo id holding it."""
+        state = torch.load(fetch_weights(spec, cls.WEIGHTS), map_location="cpu", weights_only=True)
+        model = cls()
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=True)
+        return model.eval().requires_grad_(False)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between feature sets a (N, D) and b (M, D): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+    Tr((S_a S_b)^(1/2)) is the sum of square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric
+    PSD matrix, so no general matrix square root (scipy) is needed. Meaningful with thousands of images;
+    with fewer than D the covariances are rank-deficient and the number is mostly noise."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(sa)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ sb @ root_a).clip(min=0)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross)
 
 
 # -----------------------------------------------------------------------------
@@ -165,15 +341,20 @@ def bicubic_up(lr: Image.Image, scale: int) -> np.ndarray:
 
 
 def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lpips: LPIPS | None = None,
-             limit: int | None = None, crop: int = 0, tile: int | None = 64, fix_colors: bool = False,
-             vae_scale: int = 4, say=print) -> list[dict]:
-    """One row per (checkpoint or 'bicubic', steps, seed, image) with psnr, ssim (and lpips). A VAE-only
+             limit: int | None = None, crop: int = 0, tile: int | None = None, fix_colors: bool = True,
+             vae_scale: int = 4, fid: InceptionV3 | None = None, say=print) -> list[dict]:
+    """One row per (checkpoint or 'bicubic', steps, seed, image) with psnr, ssim (and lpips). With `fid`, every
+    row also holds the FID of its set (same model, steps and seed, all images) against the HR images. A VAE-only
     checkpoint gets its reconstruction scored, next to bicubic at `vae_scale`."""
     from sample import load_model, upscale
     files = list_images(data)[:limit]
     if not files:
         raise FileNotFoundError(f"{data}: no images")
-    rows = []
+    rows, feats, hr_feats = [], {}, {}
+
+    def inception(img: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return fid(to_tensor(Image.fromarray(img))[None])[0].numpy()
 
     def score(name, n, seed, path, sr, hr, scale):
         row = {"model": name, "steps": n, "seed": seed, "image": os.path.basename(path), "scale": scale,
@@ -181,6 +362,10 @@ def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lp
         if lpips is not None:
             with torch.no_grad():
                 row["lpips"] = lpips(to_tensor(Image.fromarray(sr))[None], to_tensor(Image.fromarray(hr))[None]).item()
+        if fid is not None:
+            feats.setdefault((name, scale, n, seed), []).append(inception(sr))
+            if (scale, row["image"]) not in hr_feats:
+                hr_feats[scale, row["image"]] = inception(hr)
         rows.append(row)
 
     scales_done = set()
@@ -212,7 +397,16 @@ def evaluate(ckpts: list[str], data: str, steps: list[int], seeds: list[int], lp
                     say(f"{os.path.basename(ckpt)} x{s} steps {n} seed {seed} {os.path.basename(path)}: "
                         f"PSNR {rows[-1]['psnr']:.2f} SSIM {rows[-1]['ssim']:.4f} ({time.time() - t0:.1f}s)")
         scales_done.add(s)
+    for (name, scale, n, seed), fake in feats.items():
+        real = [v for (sc, _), v in hr_feats.items() if sc == scale]
+        value = frechet_distance(np.stack(fake), np.stack(real))
+        for r in rows:
+            if (r["model"], r["scale"], r["steps"], r["seed"]) == (name, scale, n, seed):
+                r["fid"] = value
     return rows
+
+
+METRICS = ("psnr", "ssim", "lpips", "fid")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -223,7 +417,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["model"], r["scale"], r["steps"]) == (model, scale, n)]
         seeds = sorted({r["seed"] for r in sel})
         entry = {"model": model, "scale": scale, "steps": n, "images": len({r["image"] for r in sel}), "seeds": len(seeds)}
-        for m in ("psnr", "ssim", "lpips"):
+        for m in METRICS:
             if m in sel[0]:
                 per_seed = [np.mean([r[m] for r in sel if r["seed"] == s]) for s in seeds]
                 entry |= {m: float(np.mean(per_seed)), f"{m}_min": float(min(per_seed)), f"{m}_max": float(max(per_seed))}
@@ -232,13 +426,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    metrics = [m for m in ("psnr", "ssim", "lpips") if m in summary[0]]
-    lines = ["| model | scale | steps | seeds | " + " | ".join(m.upper() + " (Y)" * (m != "lpips") for m in metrics) + " |",
+    metrics = [m for m in METRICS if m in summary[0]]
+    lines = ["| model | scale | steps | seeds | " + " | ".join(m.upper() + " (Y)" * (m in ("psnr", "ssim")) for m in metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     for e in summary:
         cells = []
         for m in metrics:
-            fmt = "{:.2f}" if m == "psnr" else "{:.4f}"
+            fmt = "{:.2f}" if m in ("psnr", "fid") else "{:.4f}"
             spread = f" ({fmt.format(e[m + '_min'])}..{fmt.format(e[m + '_max'])})" if e["seeds"] > 1 else ""
             cells.append(fmt.format(e[m]) + spread)
         steps = "-" if e["steps"] == 0 else e["steps"]
@@ -329,10 +523,16 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="photos/test", help="folder of HR images (default: photos/test)")
     p.add_argument("--steps", default="1", help="comma-separated DDIM step counts (default: 1)")
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds (default: 0)")
-    p.add_argument("--lpips", default="", help="folder with vgg16-397923af.pth and vgg.pth (LPIPS); default: skip")
+    p.add_argument("--lpips", default="", help="folder or Hub repo id with vgg16-397923af.pth and vgg.pth (LPIPS); "
+                                               "default: skip")
+    p.add_argument("--fid", default="", help=f"{InceptionV3.WEIGHTS} (pytorch-fid's InceptionV3), or a folder or Hub "
+                                             "repo id holding it; default: skip. Needs many images to mean much")
     p.add_argument("--limit", type=int, default=None, help="use the first N images only")
     p.add_argument("--vae-scale", type=int, default=4, help="for VAE files: the bicubic scale to compare with")
-    p.add_argument("--color-fix", action="store_true", help="evaluate with sample.py's --color-fix")
+    p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True,
+                   help="as sample.py: with its colour fix (default), or the model's raw output (--no-color-fix)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile size as in sample.py (default: the model's "
+                                                          "training crop; 0: never tile)")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
     p.add_argument("--figure", default="", help="instead of the table: write LR | bicubic | yonos | HR for the first "
                                                 "image of --data to this PNG (first checkpoint)")
@@ -353,18 +553,20 @@ def main(argv=None) -> int:
         figure(args.ckpts[0], files[0], args.figure, steps=steps[0])
         print(f"wrote {args.figure}")
         return 0
-    lpips = None
-    if args.lpips:
-        try:
-            lpips = LPIPS.load(args.lpips)
-        except FileNotFoundError as e:
-            err(str(e))
-            return 2
-    else:
-        print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
+    lpips = fid = None
     try:
-        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, fix_colors=args.color_fix,
-                        vae_scale=args.vae_scale)
+        lpips = LPIPS.load(args.lpips) if args.lpips else None
+        fid = InceptionV3.load(args.fid) if args.fid else None
+    except (FileNotFoundError, RuntimeError) as e:  # RuntimeError: a file of the wrong network
+        err(str(e).splitlines()[0])
+        return 2
+    if lpips is None:
+        print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
+    if fid is None:
+        print(f"note: FID skipped (pass --fid with {InceptionV3.WEIGHTS} to include it)")
+    try:
+        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, args.tile, args.color_fix,
+                        args.vae_scale, fid)
     except (FileNotFoundError, ValueError) as e:
         err(str(e).splitlines()[0])
         return 2

@@ -5,8 +5,10 @@ Super-resolves images with a YONOS-SR checkpoint, in one DDIM step by default.
   python sample.py photos/ --out results/       # every image in a folder
   python sample.py img.png --steps 4 --seed 1   # more sampling steps, another noise draw
 
-Any size: the input is padded (reflect) to what the VAE and U-Net need and cropped back; large images
-go through overlapping latent tiles blended with smooth weights, so memory stays bounded.
+Any size: the input is padded (reflect) to what the VAE and U-Net need and cropped back; images larger than
+a tile (by default the model's training crop) go through overlapping latent tiles blended with smooth weights,
+so memory stays bounded. The output's low frequencies come from the bicubic input (colour fix; --no-color-fix
+turns it off).
 In a notebook: `from sample import upscale, load_model; upscale(Image.open(p), load_model())`.
 
 References: Noroozi et al., YONOS-SR, arXiv 2401.17258.
@@ -67,12 +69,22 @@ def color_fix(sr: torch.Tensor, x_up: torch.Tensor) -> torch.Tensor:
     return (sr - wavelet_low(sr) + wavelet_low(x_up)).clamp(-1, 1)
 
 
+def default_tile(model: YonosSR) -> int:
+    """Latent tile size for `model`: the latent size of its training crops (recorded by train.py), else 64 (SD's
+    512-px training crops). Attention and group norm look at the whole tile: a model run on tiles much larger
+    than it was trained on drifts (the shipped tiny model, trained on 16-cell latents, loses 0.5 dB Y-PSNR on
+    chelsea and 3 dB on flower at 64-cell tiles; README, "Tiles")."""
+    crop = model.meta.get("train_crop")
+    return crop // model.vae.config.factor if crop else 64
+
+
 @torch.no_grad()
 def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor, steps: int,
-                        tile: int | None, overlap: int) -> torch.Tensor:
+                        tile: int | None, overlap: int, cells_per_batch: int = 64 * 64) -> torch.Tensor:
     """x_up (1, 3, H, W) -> SR (1, 3, H, W), whole or in overlapping latent tiles of `tile` cells. Each tile runs
     encode -> DDIM -> decode on its own pixels and its slice of one global noise tensor, so overlapping tiles
-    agree where they meet; outputs are blended with `blend_window`."""
+    agree where they meet; outputs are blended with `blend_window`. Small tiles go through the model in
+    batches of up to `cells_per_batch` latent cells (one 64x64 SD tile's worth), so memory stays bounded."""
     f = model.vae.config.factor
     h, w = noise.shape[-2:]
     if not tile or (h <= tile and w <= tile):
@@ -81,21 +93,27 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
     weight = torch.zeros((1, 1, *x_up.shape[-2:]), dtype=torch.float32, device=x_up.device)
     th, tw = min(tile, h), min(tile, w)
     window = blend_window(th * f, tw * f, overlap * f // 2).to(x_up.device)
-    for y in tile_starts(h, th, overlap):
-        for x in tile_starts(w, tw, overlap):
-            py, px = slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f)
-            sr = model.super_resolve(x_up[..., py, px], steps, noise[..., y:y + th, x:x + tw])
-            out[..., py, px] += sr.float() * window
+    boxes = [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
+    per_batch = max(1, cells_per_batch // (th * tw))
+    for i in range(0, len(boxes), per_batch):
+        group = boxes[i:i + per_batch]
+        pixels = [(slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f)) for y, x in group]
+        sr = model.super_resolve(torch.cat([x_up[..., py, px] for py, px in pixels]), steps,
+                                 torch.cat([noise[..., y:y + th, x:x + tw] for y, x in group]))
+        for k, (py, px) in enumerate(pixels):
+            out[..., py, px] += sr[k].float() * window
             weight[..., py, px] += window
     return (out / weight).to(x_up.dtype)
 
 
 @torch.no_grad()
-def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, tile: int | None = 64,
-            overlap: int = 16, fix_colors: bool = False) -> Image.Image:
+def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, tile: int | None = None,
+            overlap: int | None = None, fix_colors: bool = True) -> Image.Image:
     """PIL image (any mode) -> PIL image `model.scale` times larger. RGBA keeps its alpha, upscaled bicubically;
-    other modes come back as RGB. `tile` and `overlap` are in latent cells (None: never tile); `fix_colors`
-    applies `color_fix` against the bicubic upsampling."""
+    other modes come back as RGB. `tile` and `overlap` are in latent cells (tile None: `default_tile(model)`,
+    0: never tile; overlap None: half the tile); `fix_colors` applies `color_fix` against the bicubic upsampling."""
+    tile = default_tile(model) if tile is None else tile
+    overlap = tile // 2 if overlap is None else overlap
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     device, dtype = model.context.device, model.context.dtype
     s, f = model.scale, model.vae.config.factor
@@ -153,9 +171,12 @@ def main(argv=None) -> int:
                                              "beside each input)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    p.add_argument("--tile", type=int, default=64, help="tile size in latent cells; 0: never tile (default: 64)")
-    p.add_argument("--overlap", type=int, default=16, help="tile overlap in latent cells (default: 16)")
-    p.add_argument("--color-fix", action="store_true", help="take low frequencies (colours) from the bicubic input")
+    p.add_argument("--tile", type=int, default=None, help="tile size in latent cells; 0: never tile (default: the "
+                   "latent size of the model's training crops, 16 for the shipped model, 64 for SD-based ones)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in latent cells (default: half the tile)")
+    p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the low frequencies (colours, smooth shading) from the bicubic input, as StableSR's "
+                        "wavelet colour fix; --no-color-fix shows the model's raw output (default: on)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model precision (default: fp32)")
     p.add_argument("--max-pixels", type=int, default=4_000_000,
@@ -164,9 +185,6 @@ def main(argv=None) -> int:
     err = lambda msg: print(f"sample.py: error: {msg}", file=sys.stderr)
     if args.steps < 1 or args.steps > 1000:
         err(f"--steps must be in 1..1000, not {args.steps}")
-        return 2
-    if args.overlap < 0 or (args.tile and args.overlap >= args.tile):
-        err(f"--overlap must be in 0..{args.tile - 1} for --tile {args.tile}")
         return 2
     files = []
     for src in args.inputs:
@@ -184,6 +202,15 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         err(str(e).splitlines()[0])
         return 2
+    tile = default_tile(model) if args.tile is None else args.tile
+    overlap = tile // 2 if args.overlap is None else args.overlap
+    cell = 2 ** (len(model.unet.config.block_out_channels) - 1)  # every U-Net level halves the tile
+    if tile < 0 or tile % cell:
+        err(f"--tile must be 0 or a positive multiple of {cell} for this model, not {tile}")
+        return 2
+    if overlap < 0 or (tile and overlap >= tile):
+        err(f"--overlap must be in 0..{tile - 1} for --tile {tile}")
+        return 2
     failed, inputs = [], {os.path.abspath(f) for f in files}
     for src in files:
         dst = output_path(src, args, len(files), model.scale)
@@ -196,7 +223,7 @@ def main(argv=None) -> int:
             if alpha is not None:
                 rgb.putalpha(alpha)
             t0 = time.time()
-            out = upscale(rgb, model, args.steps, args.seed, args.tile or None, args.overlap, args.color_fix)
+            out = upscale(rgb, model, args.steps, args.seed, tile, overlap, args.color_fix)
             save_png(out, dst)
             print(f"{src} ({rgb.width}x{rgb.height}) -> {dst} ({out.width}x{out.height}, {time.time() - t0:.1f}s)")
         except (ValueError, OSError) as e:

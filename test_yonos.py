@@ -626,6 +626,10 @@ def test_sample_bad_inputs_give_one_line_errors(tmp_path, random_ckpt, capsys):
     assert code == 2 and "no images" in err
     code, _, err = run_sample([tmp_path / "good.png", "--ckpt", tmp_path / "text.png"], capsys)
     assert code == 2 and "not a yonos checkpoint" in err
+    for bad, msg in [(["--tile", "10"], "multiple of 4"), (["--tile", "16", "--overlap", "16"], "--overlap must be"),
+                     (["--steps", "0"], "--steps must be")]:
+        code, _, err = run_sample([tmp_path / "good.png", "--ckpt", random_ckpt, *bad], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, (bad, err)
     # in a batch, one bad file does not stop the others
     code, out, err = run_sample([tmp_path / "text.png", tmp_path / "good.png", "--ckpt", random_ckpt,
                                  "--out", tmp_path / "batch"], capsys)
@@ -651,14 +655,23 @@ def test_sample_same_seed_same_output(random_ckpt):
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
 
 
+def test_tiles_in_batches_equal_tiles_one_by_one(random_ckpt):
+    model = sample.load_model(random_ckpt)
+    g = torch.Generator().manual_seed(0)
+    x_up, noise = torch.rand(1, 3, 48, 40, generator=g) * 2 - 1, torch.randn(1, 4, 24, 20, generator=g)  # f=2
+    batched = sample.super_resolve_tiled(model, x_up, noise, 2, 8, 4)  # 5x4 tiles, all in one batch
+    one_by_one = sample.super_resolve_tiled(model, x_up, noise, 2, 8, 4, cells_per_batch=1)
+    assert batched.shape == x_up.shape and (batched - one_by_one).abs().max() < 1e-5
+
+
 def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
     """Tiling changes the output by no more than another noise seed does (the model's own sampling spread:
     measured 3.1/255 mean, 13/255 99th percentile for the shipped model on this crop)."""
     from skimage import data as skdata
     model = sample.load_model()
     img = Image.fromarray(skdata.chelsea()).crop((150, 80, 198, 128))  # 48x48 -> 192x192: 96x96 latent cells
-    whole = np.asarray(sample.upscale(img, model, tile=None), dtype=np.float64)
-    other_seed = np.asarray(sample.upscale(img, model, tile=None, seed=1), dtype=np.float64)
+    whole = np.asarray(sample.upscale(img, model, tile=0), dtype=np.float64)
+    other_seed = np.asarray(sample.upscale(img, model, tile=0, seed=1), dtype=np.float64)
     tiled = np.asarray(sample.upscale(img, model, tile=48, overlap=16), dtype=np.float64)  # 3x3 tiles
     spread, diff = np.abs(whole - other_seed), np.abs(whole - tiled)
     assert diff.mean() < 1.5 * spread.mean() and np.percentile(diff, 99) < 1.5 * np.percentile(spread, 99)
@@ -713,8 +726,77 @@ def test_lpips_loads_published_layout_with_random_weights(tmp_path):
     d = lpips(x, y)
     assert torch.equal(d, ref(x, y)) and (d > 0).all() and lpips(x, x).abs().max() < 1e-6
     assert (lpips(x, (x + 0.6 * torch.randn_like(x)).clamp(-1, 1)) > d).all()
-    with pytest.raises(FileNotFoundError, match="LPIPS weights not found"):
+    with pytest.raises(FileNotFoundError, match="weights not found"):
         ev.LPIPS.load(str(tmp_path / "nowhere"))
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    """pytorch-fid computes Tr((S_a S_b)^(1/2)) with scipy.linalg.sqrtm; ours uses a symmetric eigen-decomposition."""
+    from scipy import linalg
+    g = np.random.default_rng(0)
+    for n, d in [(200, 16), (12, 32)]:  # full-rank and rank-deficient covariances
+        a = g.normal(size=(n, d)) @ g.normal(size=(d, d))
+        b = g.normal(size=(n, d)) * 1.5 + 0.3
+        sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * linalg.sqrtm(sa @ sb).real)
+        assert abs(ev.frechet_distance(a, b) - ref) < 1e-6 * max(1, abs(ref))
+    tol = 1e-6 * np.trace(np.cov(a, rowvar=False))  # square roots of round-off-sized eigenvalues of a rank-deficient S
+    assert abs(ev.frechet_distance(a, a)) < tol and abs(ev.frechet_distance(a, a + 2.0) - 4 * d) < tol
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.frechet_distance(a[:1], b)
+
+
+def write_random_inception(folder) -> "ev.InceptionV3":
+    """Random InceptionV3 weights in pytorch-fid's published layout (plus its unused 1008-way classifier)."""
+    torch.manual_seed(0)
+    ref = ev.InceptionV3()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.data.uniform_(0.5, 1.5)
+    state = ref.state_dict() | {"fc.weight": torch.randn(1008, 2048), "fc.bias": torch.zeros(1008)}
+    torch.save(state, os.path.join(folder, ev.InceptionV3.WEIGHTS))
+    return ref.eval()
+
+
+def test_fid_network_loads_published_layout_and_scores_with_random_weights(tmp_path, random_ckpt, capsys):
+    ref = write_random_inception(tmp_path)
+    net = ev.InceptionV3.load(str(tmp_path))  # a folder; a file path works too
+    x = torch.rand(2, 3, 64, 80) * 2 - 1
+    feats = net(x)
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and torch.equal(feats, ref(x))
+    assert torch.equal(ev.InceptionV3.load(os.path.join(tmp_path, ev.InceptionV3.WEIGHTS))(x), feats)
+    with pytest.raises(FileNotFoundError, match="weights not found"):
+        ev.InceptionV3.load(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "hr")
+    for i in range(2):
+        photo(40, 36, seed=i).save(tmp_path / "hr" / f"{i}.png")
+    code = ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--fid", str(tmp_path),
+                    "--out", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| FID |" in out and "FID skipped" not in out
+    report = json.load(open(tmp_path / "res.json"))
+    fids = {(e["model"], e["steps"]): e["fid"] for e in report["summary"]}
+    assert len(fids) == 2 and all(np.isfinite(v) and v > 0 for v in fids.values())
+    # the bicubic row's FID is the distance between its set and the HR set, recomputed here
+    hrs, bics = zip(*[ev.prepare(str(tmp_path / "hr" / f"{i}.png"), 4) for i in range(2)])
+    f = lambda imgs: np.stack([net(ev.to_tensor(Image.fromarray(im))[None])[0].detach().numpy() for im in imgs])
+    expected = ev.frechet_distance(f([ev.bicubic_up(lr, 4) for lr in bics]), f(hrs))
+    assert abs(fids["bicubic", 0] - expected) < 1e-3 * expected
+
+
+def test_metric_weights_load_by_hub_repo_id_from_a_local_cache(tmp_path):
+    """--lpips and --fid also take a Hub repo id; offline, it resolves from the local Hub cache layout."""
+    snap = tmp_path / "cache" / "models--org--metrics" / "snapshots" / ("0" * 40)
+    os.makedirs(snap)
+    os.makedirs(tmp_path / "cache" / "models--org--metrics" / "refs")
+    (tmp_path / "cache" / "models--org--metrics" / "refs" / "main").write_text("0" * 40)
+    write_random_inception(snap)
+    write_random_lpips(snap)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    code = ("import eval; print(type(eval.InceptionV3.load('org/metrics')).__name__, type(eval.LPIPS.load('org/metrics')).__name__);"
+            "eval.InceptionV3.load('org/absent')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
+    assert r.stdout.split() == ["InceptionV3", "LPIPS"] and "weights not found" in r.stderr, r.stderr[-2000:]
 
 
 def test_eval_reports_table_files_and_plot(tmp_path, random_ckpt, capsys):

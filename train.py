@@ -314,6 +314,10 @@ def main(cfg: TrainConfig) -> nn.Module:
             vae.save(cfg.out)
         else:
             bundle.meta["step"] = step
+            # the HR crop the U-Net was trained on: sample.py tiles at its latent size by default (attention and
+            # group norm see the whole tile, and a tiny model trained on small crops degrades on larger tiles)
+            if cfg.stage == "sr" or "train_crop" not in bundle.meta:
+                bundle.meta["train_crop"] = cfg.crop
             bundle.save(cfg.out)
 
     say(f"stage {cfg.stage}, x{cfg.scale}, {sum(p.numel() for p in params):,} trained parameters, "

@@ -486,19 +486,22 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
     return True
 
 
-def figure(ckpt: str, image: str, path: str, box: int = 96, steps: int = 1) -> None:
-    """LR input | bicubic | yonos | HR, side by side, on a centre crop of `image` (`box` LR pixels a side)."""
+def figure(ckpt: str, image: str, path: str, box: int = 96, steps: int = 1, fix_colors: bool = True) -> None:
+    """LR input | bicubic | yonos | HR, side by side, on a centre crop of `image` (`box` LR pixels a side), with
+    the Y-PSNR of the crop under bicubic and yonos."""
     from PIL import ImageDraw
     from sample import load_model, upscale
     model = load_model(ckpt)
     s = model.scale
     hr, lr = prepare(image, s)
+    box = min(box, lr.width, lr.height)
     left, top = (lr.width - box) // 2, (lr.height - box) // 2
     lr = lr.crop((left, top, left + box, top + box))
     hr = Image.fromarray(hr).crop((left * s, top * s, (left + box) * s, (top + box) * s))
-    panels = [("LR input (nearest)", lr.resize(hr.size, Image.NEAREST)),
-              ("bicubic", Image.fromarray(bicubic_up(lr, s))),
-              (f"yonos, {steps} step", upscale(lr, model, steps=steps)), ("HR", hr)]
+    bic, sr = bicubic_up(lr, s), np.asarray(upscale(lr, model, steps=steps, fix_colors=fix_colors))
+    db = lambda x: f"{psnr_y(x, np.asarray(hr), s):.2f} dB"
+    panels = [("LR input (nearest)", lr.resize(hr.size, Image.NEAREST)), (f"bicubic, {db(bic)}", Image.fromarray(bic)),
+              (f"yonos, {steps} step, {db(sr)}", Image.fromarray(sr)), ("HR", hr)]
     w, h, pad = hr.width, hr.height, 24
     canvas = Image.new("RGB", (4 * w + 3 * 4, h + pad), "white")
     draw = ImageDraw.Draw(canvas)
@@ -550,7 +553,7 @@ def main(argv=None) -> int:
         if not files:
             err(f"{args.data}: no images")
             return 2
-        figure(args.ckpts[0], files[0], args.figure, steps=steps[0])
+        figure(args.ckpts[0], files[0], args.figure, steps=steps[0], fix_colors=args.color_fix)
         print(f"wrote {args.figure}")
         return 0
     lpips = fid = None

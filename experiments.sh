@@ -29,6 +29,10 @@ wait; stamp "x4 distilled and x8 plain done"
 $T --scale 8 --teacher "$RUN/x4.pt" --steps "$STEPS" --out "$RUN/x8.pt" &
 $T --stage decoder --unet "$RUN/x4.pt" --steps $((STEPS / 2)) --lr 1e-4 --out "$RUN/x4_dec.pt" &
 wait; stamp "x8 distilled and decoder done"
+# a second training seed of the x4 pair (same teacher, same settings) sizes the training-seed spread
+$T --scale 4 --vae "$RUN/vae.pt" --steps "$STEPS" --seed 1 --out "$RUN/x4_plain_s1.pt" &
+$T --scale 4 --teacher "$RUN/x2.pt" --steps "$STEPS" --seed 1 --out "$RUN/x4_s1.pt" &
+wait; stamp "second training seed done"
 
 # every model here was trained on 32-px crops (16-cell latents), and eval.py/sample.py tile at that size
 E="$PY eval.py --data photos/test --crop 192 --tile 16 --no-color-fix"
@@ -36,14 +40,15 @@ $E "$RUN/x4_plain.pt" "$RUN/x4.pt" --steps 1,2,4,8,16,64 --seeds 0,1 --out resul
 $E "$RUN/x8_plain.pt" "$RUN/x8.pt" --steps 1,2,4,8,16,64 --seeds 0,1 --out results/x8 > results/x8.txt &
 wait
 $E "$RUN/x4.pt" "$RUN/x4_dec.pt" --steps 1 --seeds 0,1 --out results/decoder > results/decoder.txt
+$E "$RUN/x4_plain_s1.pt" "$RUN/x4_s1.pt" --steps 1,2,4 --seeds 0,1 --out results/x4_seed1 > results/x4_seed1.txt
 stamp "evaluation done"
 
 # the shipped model: the distilled x4 run resumed to 5,000 steps (a second cosine cycle), then a longer decoder
 # fine-tune (8,000 steps at 5e-4) than the comparison above; both measured better on the held-out photos
 # (README, "The shipped model vs bicubic")
 for f in "" .state .log.jsonl; do cp "$RUN/x4.pt$f" "$RUN/x4_long.pt$f"; done
-$T --scale 4 --teacher "$RUN/x2.pt" --steps 5000 --out "$RUN/x4_long.pt" --resume --threads 2
-$T --stage decoder --unet "$RUN/x4_long.pt" --steps 8000 --lr 5e-4 --out "$RUN/x4_long_dec.pt" --threads 2
+$T --scale 4 --teacher "$RUN/x2.pt" --steps 5000 --out "$RUN/x4_long.pt" --resume
+$T --stage decoder --unet "$RUN/x4_long.pt" --steps 8000 --lr 5e-4 --out "$RUN/x4_long_dec.pt"
 cp "$RUN/x4_long_dec.pt" assets/yonos_tiny_x4.pt
 $PY -c "import eval; eval.prepare('photos/test/china.png', 4)[1].save('assets/example.png')"
 $PY eval.py assets/yonos_tiny_x4.pt --data photos/test --figure assets/figure.png

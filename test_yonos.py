@@ -814,11 +814,13 @@ def test_eval_reports_table_files_and_plot(tmp_path, random_ckpt, capsys):
     expected = np.mean([ev.psnr_y(ev.bicubic_up(lr, 4), hr, 4)
                         for hr, lr in [ev.prepare(str(tmp_path / "hr" / f"{i}.png"), 4) for i in range(2)]])
     assert bicubic["psnr"] == pytest.approx(expected)
-    assert {(e["steps"], e["seeds"]) for e in report["summary"] if e["model"] == "rand_x4.pt"} == {(1, 2), (2, 2)}
+    assert {(e["steps"], e["seeds"]) for e in report["summary"] if e["model"] == "rand_x4.pt +colour fix"} == {(1, 2), (2, 2)}
     assert len(report["rows"]) == 2 + 2 * 2 * 2
     with open(tmp_path / "res.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert Image.open(tmp_path / "res.png").size[0] > 100
+    code = ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--figure", str(tmp_path / "fig.png")])
+    assert code == 0 and Image.open(tmp_path / "fig.png").size == (4 * 36 + 3 * 4, 36 + 24)  # 4 panels of 9*4 px
 
 
 def test_color_fix_removes_a_colour_cast_and_keeps_detail():

@@ -73,7 +73,7 @@ def default_tile(model: YonosSR) -> int:
     """Latent tile size for `model`: the latent size of its training crops (recorded by train.py), else 64 (SD's
     512-px training crops). Attention and group norm look at the whole tile: a model run on tiles much larger
     than it was trained on drifts (the shipped tiny model, trained on 16-cell latents, loses 0.5 dB Y-PSNR on
-    chelsea and 3 dB on flower at 64-cell tiles; README, "Tiles")."""
+    chelsea and 2 dB on flower at 64-cell tiles; README, "Tiles")."""
     crop = model.meta.get("train_crop")
     return crop // model.vae.config.factor if crop else 64
 

@@ -75,7 +75,7 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
 
 
 # -----------------------------------------------------------------------------
-# LPIPS (VGG16), weights from a folder or the Hub (no torchvision)
+# perceptual metrics' weights (LPIPS, FID): from a file, a folder or the Hub; never downloaded unasked
 
 
 def fetch_weights(spec: str, filename: str) -> str:
@@ -93,6 +93,10 @@ def fetch_weights(spec: str, filename: str) -> str:
         return hf_hub_download(spec, filename)
     except Exception as e:  # missing repo or file, offline and not cached, ...
         raise FileNotFoundError(f"weights not found: {filename} in {spec} ({type(e).__name__})") from None
+
+
+# -----------------------------------------------------------------------------
+# LPIPS (VGG16), no torchvision
 
 
 VGG16_CONVS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M", (128, 256), (256, 256), (256, 256), "M",
@@ -199,7 +203,8 @@ class InceptionA(nn.Module):  # 35x35: 1x1 | 5x5 | two 3x3 | pool
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), chain(self, "branch5x5_1 branch5x5_2", x),
-                          chain(self, "branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3", x), self.branch_pool(pool3(x))], 1)
+                          chain(self, "branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3", x),
+                          self.branch_pool(pool3(x))], 1)
 
 
 class InceptionB(nn.Module):  # 35x35 -> 17x17
@@ -219,7 +224,8 @@ class InceptionC(nn.Module):  # 17x17: factorised 7x7 convolutions (1x7 then 7x1
         super().__init__()
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.branch1x1 = BasicConv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **row), BasicConv(c7, 192, **col)
+        self.branch7x7_1, self.branch7x7_2 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **row)
+        self.branch7x7_3 = BasicConv(c7, 192, **col)
         self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **col)
         self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv(c7, c7, **row), BasicConv(c7, c7, **col)
         self.branch7x7dbl_5 = BasicConv(c7, 192, **row)
@@ -227,7 +233,8 @@ class InceptionC(nn.Module):  # 17x17: factorised 7x7 convolutions (1x7 then 7x1
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), chain(self, "branch7x7_1 branch7x7_2 branch7x7_3", x),
-                          chain(self, " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)), x), self.branch_pool(pool3(x))], 1)
+                          chain(self, " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)), x),
+                          self.branch_pool(pool3(x))], 1)
 
 
 class InceptionD(nn.Module):  # 17x17 -> 8x8
@@ -241,7 +248,8 @@ class InceptionD(nn.Module):  # 17x17 -> 8x8
 
     def forward(self, x):
         return torch.cat([chain(self, "branch3x3_1 branch3x3_2", x),
-                          chain(self, "branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4", x), F.max_pool2d(x, 3, 2)], 1)
+                          chain(self, "branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4", x),
+                          F.max_pool2d(x, 3, 2)], 1)
 
 
 class InceptionE(nn.Module):  # 8x8: 3x3 convolutions split into parallel 1x3 and 3x1
@@ -250,9 +258,10 @@ class InceptionE(nn.Module):  # 8x8: 3x3 convolutions split into parallel 1x3 an
         self.max_pool = max_pool  # the FID graph's last block max-pools (pytorch-fid keeps this quirk)
         self.branch1x1 = BasicConv(cin, 320, 1)
         self.branch3x3_1 = BasicConv(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = BasicConv(384, 384, (1, 3), padding=(0, 1)), BasicConv(384, 384, (3, 1), padding=(1, 0))
+        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        self.branch3x3_2a, self.branch3x3_2b = BasicConv(384, 384, **row), BasicConv(384, 384, **col)
         self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv(cin, 448, 1), BasicConv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv(384, 384, (1, 3), padding=(0, 1)), BasicConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv(384, 384, **row), BasicConv(384, 384, **col)
         self.branch_pool = BasicConv(cin, 192, 1)
 
     def forward(self, x):
@@ -290,7 +299,8 @@ class InceptionV3(nn.Module):
         x = chain(self, "Conv2d_1a_3x3 Conv2d_2a_3x3 Conv2d_2b_3x3", x)
         x = chain(self, "Conv2d_3b_1x1 Conv2d_4a_3x3", F.max_pool2d(x, 3, 2))
         x = F.max_pool2d(x, 3, 2)
-        x = chain(self, "Mixed_5b Mixed_5c Mixed_5d Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e Mixed_7a Mixed_7b Mixed_7c", x)
+        x = chain(self, "Mixed_5b Mixed_5c Mixed_5d Mixed_6a Mixed_6b Mixed_6c Mixed_6d Mixed_6e", x)  # 35 -> 17
+        x = chain(self, "Mixed_7a Mixed_7b Mixed_7c", x)  # 17 -> 8
         return x.mean((2, 3))
 
     @classmethod
@@ -568,8 +578,8 @@ def main(argv=None) -> int:
     if fid is None:
         print(f"note: FID skipped (pass --fid with {InceptionV3.WEIGHTS} to include it)")
     try:
-        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, args.tile, args.color_fix,
-                        args.vae_scale, fid)
+        rows = evaluate(args.ckpts, args.data, steps, seeds, lpips, args.limit, args.crop, args.tile,
+                        args.color_fix, args.vae_scale, fid)
     except (FileNotFoundError, ValueError) as e:
         err(str(e).splitlines()[0])
         return 2

@@ -69,13 +69,16 @@ def color_fix(sr: torch.Tensor, x_up: torch.Tensor) -> torch.Tensor:
     return (sr - wavelet_low(sr) + wavelet_low(x_up)).clamp(-1, 1)
 
 
-def default_tile(model: YonosSR) -> int:
-    """Latent tile size for `model`: the latent size of its training crops (recorded by train.py), else 64 (SD's
-    512-px training crops). Attention and group norm look at the whole tile: a model run on tiles much larger
-    than it was trained on drifts (the shipped tiny model, trained on 16-cell latents, loses 0.5 dB Y-PSNR on
-    chelsea and 2 dB on flower at 64-cell tiles; README, "Tiles")."""
-    crop = model.meta.get("train_crop")
-    return crop // model.vae.config.factor if crop else 64
+def tile_settings(model: YonosSR, tile: int | None = None, overlap: int | None = None) -> tuple[int, int]:
+    """(tile, overlap) in latent cells, filling in the defaults: the latent size of the model's training crops
+    (recorded by train.py), else 64 (SD's 512-px crops), overlapping by half. Attention and group norm look at
+    the whole tile: a model run on tiles much larger than it was trained on drifts (the shipped tiny model,
+    trained on 16-cell latents, loses 0.5 dB Y-PSNR on chelsea and 2 dB on flower at 64-cell tiles; README,
+    "Tiles")."""
+    if tile is None:
+        crop = model.meta.get("train_crop")
+        tile = crop // model.vae.config.factor if crop else 64
+    return tile, tile // 2 if overlap is None else overlap
 
 
 @torch.no_grad()
@@ -110,10 +113,9 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
 def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, tile: int | None = None,
             overlap: int | None = None, fix_colors: bool = True) -> Image.Image:
     """PIL image (any mode) -> PIL image `model.scale` times larger. RGBA keeps its alpha, upscaled bicubically;
-    other modes come back as RGB. `tile` and `overlap` are in latent cells (tile None: `default_tile(model)`,
-    0: never tile; overlap None: half the tile); `fix_colors` applies `color_fix` against the bicubic upsampling."""
-    tile = default_tile(model) if tile is None else tile
-    overlap = tile // 2 if overlap is None else overlap
+    other modes come back as RGB. `tile` and `overlap` are in latent cells (None: `tile_settings`' defaults;
+    tile 0: never tile); `fix_colors` applies `color_fix` against the bicubic upsampling."""
+    tile, overlap = tile_settings(model, tile, overlap)
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     device, dtype = model.context.device, model.context.dtype
     s, f = model.scale, model.vae.config.factor
@@ -202,8 +204,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         err(str(e).splitlines()[0])
         return 2
-    tile = default_tile(model) if args.tile is None else args.tile
-    overlap = tile // 2 if args.overlap is None else args.overlap
+    tile, overlap = tile_settings(model, args.tile, args.overlap)
     cell = 2 ** (len(model.unet.config.block_out_channels) - 1)  # every U-Net level halves the tile
     if tile < 0 or tile % cell:
         err(f"--tile must be 0 or a positive multiple of {cell} for this model, not {tile}")
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
             err(str(e).splitlines()[0])
             failed.append(src)
     if len(files) > 1:
-        print(f"{len(files) - len(failed)} of {len(files)} images done" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        failures = f"; failed: {', '.join(failed)}" if failed else ""
+        print(f"{len(files) - len(failed)} of {len(files)} images done{failures}")
     return 1 if failed else 0
 
 

@@ -680,7 +680,8 @@ def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
 
 
 # -----------------------------------------------------------------------------
-# eval.py: metrics against hand-computed values and scikit-image, LPIPS with random weights, the report files
+# eval.py: metrics against hand-computed values, scikit-image and scipy; LPIPS and FID with random weights;
+# the report files
 
 
 def test_psnr_y_matches_hand_computed_value():

@@ -56,10 +56,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = p.parse_args(argv)
     from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
-    from test_yonos import diffusers_unet_config, diffusers_vae_config
     torch.manual_seed(0)
     cfg = UNET_PRESETS["sd21"]
-    ref = UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
+    ref = UNet2DConditionModel(**cfg.to_diffusers()).eval()
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict())
     h = args.latent
@@ -71,7 +70,7 @@ def main(argv=None) -> dict:
     print(f"U-Net forward {h}x{h} latent: ours {res['unet_ours_s']:.2f}s, diffusers {res['unet_diffusers_s']:.2f}s, "
           f"ratio {res['unet_ratio']:.3f}")
     ref = None  # free its memory before the VAE
-    ref_vae = RefVAE(**diffusers_vae_config(VAE_PRESETS["sd"])).eval()
+    ref_vae = RefVAE(**VAE_PRESETS["sd"].to_diffusers()).eval()
     vae = AutoencoderKL(VAE_PRESETS["sd"]).eval()
     vae.load_state_dict(ref_vae.state_dict())
     z = torch.randn(1, 4, h, h)

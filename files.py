@@ -15,8 +15,10 @@ import glob
 import io
 import json
 import os
+import pickle
 import tempfile
 import typing
+import warnings
 
 import torch
 import torch.nn as nn
@@ -164,6 +166,10 @@ def read_header(path: str) -> dict:
         with safe_open(path, "pt") as f:
             header = json.loads((f.metadata() or {})["yonos"])
     except Exception:
+        with open(path, "rb") as f:
+            start = f.read(9)
+        if len(start) == 9 and start[8:9] == b"{":  # a safetensors header length, then JSON: a damaged file
+            raise ValueError(f"{path}: damaged or truncated checkpoint (an incomplete copy?)") from None
         raise ValueError(f"{path}: not a yonos checkpoint (a safetensors file with a 'yonos' header)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: its 'yonos' header is not a JSON object")
@@ -185,11 +191,20 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
 
 def load_state(path: str, device="cpu") -> dict:
     """A resume state written by train.py (torch.save of plain tensors and numbers), read without unpickling code."""
+    return load_tensors_only(path, device, "a resume state written by train.py")
+
+
+def load_tensors_only(path: str, device="cpu", what: str = "a weights file") -> object:
+    """torch.load(weights_only=True): plain tensors, numbers and containers; anything else (pickled code, a
+    damaged file) is a one-line ValueError that never suggests turning the check off."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable resume state ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})") from None
+        why = "it holds pickled objects other than tensors; refusing to unpickle them" if isinstance(
+            e, pickle.UnpicklingError) else f"damaged or of another kind ({type(e).__name__})"
+        raise ValueError(f"{path}: not {what}: {why}") from None
 
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import fetch_weights
+from files import fetch_weights, load_tensors_only
 
 # -----------------------------------------------------------------------------
 # PSNR and SSIM on the Y channel
@@ -142,10 +142,7 @@ class LPIPS(nn.Module):
 
 def read_pth(path: str) -> dict:
     """A published .pth weights file, read without unpickling code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a plain weights file ({type(e).__name__}); refusing to unpickle it") from None
+    state = load_tensors_only(path, "cpu", "a plain weights file")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a dictionary of weights")
     return state

@@ -27,6 +27,7 @@ import metrics
 import sample
 import train
 import upscale
+from conftest import HERE, photo, run_script, write_photos
 from data import degrade, to_tensor
 from files import load_checked
 from model import (UNET_PRESETS, CLIPTextConfig, TextEncoder, UNet, UNetConfig, empty_prompt_ids,
@@ -377,19 +378,6 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
 
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def write_photos(folder, n=4, size=64, seed=0):
-    """Small random-texture 'photos' (smooth gradients + blobs), enough to train a few steps on."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for i in range(n):
-        a = np.stack([np.sin(6 * xx * rng.uniform(1, 3) + c) * np.cos(5 * yy * rng.uniform(1, 3)) for c in range(3)], -1)
-        a = ((a + 1) * 127.5 + rng.normal(0, 8, a.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(a).save(os.path.join(folder, f"img{i}.png"))
-    return str(folder)
 
 
 def tiny_cfg(tmp, **kw) -> train.TrainConfig:
@@ -467,11 +455,6 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_chain, tmp_path):
     assert all(torch.equal(a[k], start[k]) for k in a)  # rank 0 saved what it trained
 
 
-def run_script(args, env=None, cwd=None):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or HERE,
-                          env={**os.environ, **(env or {})}, timeout=600)
-
-
 def test_train_from_sd_layout_hub_cache_runs_every_stage(tmp_path):
     """--pretrained <repo id> through huggingface_hub's cache, offline: x2 from SD, x4 distilled, decoder."""
     cache = make_hub_cache(tmp_path / "hub", "org/tiny-sd", "sd2")
@@ -505,26 +488,8 @@ def test_train_bad_arguments_give_one_line_errors(tmp_path):
 
 
 
-@pytest.fixture(scope="module")
-def random_ckpt(tmp_path_factory):
-    """A random tiny x4 model: fast, enough to check shapes, modes and error handling."""
-    path = str(tmp_path_factory.mktemp("ckpt") / "rand_x4.pt")
-    torch.manual_seed(0)
-    YonosSR(UNet(UNET_PRESETS["tiny"]), AutoencoderKL(VAE_PRESETS["tiny"]), torch.randn(1, 8, 32), 4).save(path)
-    return path
-
-
 def psnr_of(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / np.mean((a - b) ** 2)))
-
-
-def photo(w=37, h=53, mode="RGB", seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
-    img = Image.fromarray(a, "RGBA")
-    if mode == "RGBA":
-        return img
-    return img.convert("LA" if mode == "LA" else "RGB").convert(mode)  # P from RGB, so it has no transparency
 
 
 def run_sample(args, capsys):
@@ -810,3 +775,16 @@ def test_shipped_model_output_on_the_example_is_unchanged():
                                      YonosSR.load(sample.SHIPPED[4])), dtype=np.int16)
     want = np.asarray(Image.open(os.path.join(HERE, "assets", "example_x4.png")), dtype=np.int16)
     assert got.shape == want.shape and np.abs(got - want).max() <= 1 and (got == want).mean() > 0.999
+
+
+def test_compiled_model_gives_the_eager_output_with_static_tile_batches(random_ckpt):
+    """--compile's code path on a CPU: torch.compile with the eager backend (inductor's CUDA graphs need a GPU,
+    and on a CPU compile() only returns a note). Tile batches are padded to one shape, so one graph serves all."""
+    img = photo(40, 36)
+    eager = np.asarray(upscale.upscale(img, YonosSR.load(random_ckpt), tile=8, overlap=2), dtype=np.int16)
+    model = YonosSR.load(random_ckpt)
+    assert "CUDA" in model.compile() and not model.compiled  # the default on a CPU: a note, not an error
+    assert model.compile(backend="eager") is None and model.compiled
+    compiled = np.asarray(upscale.upscale(img, model, tile=8, overlap=2), dtype=np.int16)
+    assert compiled.shape == eager.shape and np.abs(compiled - eager).max() <= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # U-Net, encode, decode: no recompiles

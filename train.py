@@ -340,7 +340,10 @@ class RunFiles:
 
 def resume_state(files: RunFiles, stage: Stage, cfg: TrainConfig, opt, opt_d, device) -> int:
     """Loads <out>.state into the trained module and optimisers; returns the step to continue from."""
-    state = load_state(files.state, device)
+    try:
+        state = load_state(files.state, device)
+    except ValueError as e:
+        fail(str(e))
     if not isinstance(state, dict) or "step" not in state or state.get("stage", cfg.stage) != cfg.stage:
         fail(f"{files.state}: not a resume state of a --stage {cfg.stage} run")
     try:
@@ -477,6 +480,7 @@ def main(cfg: TrainConfig) -> nn.Module:
         stop.restore()
         fail(str(e))
     say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 and not cfg.quiet else (lambda *a: None)
+    note = (lambda msg: print(f"train.py: note: {msg}", file=sys.stderr)) if rank == 0 else (lambda msg: None)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -485,8 +489,8 @@ def main(cfg: TrainConfig) -> nn.Module:
     try:
         try:
             stage = STAGES[cfg.stage](cfg, device, say)
-            data = SRPairs(cfg.data, cfg.crop, cfg.scale, stage.teacher_scale, cfg.degradation, cfg.seed, say)
-            val = center_crops(cfg.val_data, cfg.crop, 16, say).to(device) if cfg.val_data and rank == 0 else None
+            data = SRPairs(cfg.data, cfg.crop, cfg.scale, stage.teacher_scale, cfg.degradation, cfg.seed, note)
+            val = center_crops(cfg.val_data, cfg.crop, 16, note).to(device) if cfg.val_data and rank == 0 else None
         except (FileNotFoundError, ValueError) as e:
             fail(str(e).splitlines()[0])
         m = stage.bundle.config.factor if cfg.stage == "vae" else stage.bundle.multiple

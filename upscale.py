@@ -90,10 +90,12 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
     per_batch = max(1, cells_per_batch // (th * tw))
     for i in range(0, len(boxes), per_batch):
         group = boxes[i:i + per_batch]
+        if model.compiled:  # every batch the same shape, so compiled graphs are reused: repeat the last tile
+            group = group + group[-1:] * (per_batch - len(group))
         pixels = [(slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f)) for y, x in group]
         sr = model.super_resolve(torch.cat([x_up[..., py, px] for py, px in pixels]), steps,
                                  torch.cat([noise[..., y:y + th, x:x + tw] for y, x in group]))
-        for k, (py, px) in enumerate(pixels):
+        for k, (py, px) in enumerate(pixels[:len(boxes[i:i + per_batch])]):
             out[..., py, px] += sr[k].float() * window
             weight[..., py, px] += window
     return (out / weight).to(x_up.dtype)
@@ -119,6 +121,8 @@ def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, t
     # pad (reflect) to the model's multiple, then crop back
     m = model.multiple
     ph, pw = -H % m, -W % m
+    if model.compiled and tile:  # no image smaller than a tile: tiles keep one shape
+        ph, pw = max(ph, tile * model.vae.config.factor - H), max(pw, tile * model.vae.config.factor - W)
     if ph or pw:
         mode = "reflect" if ph < H and pw < W else "replicate"
         x_up = F.pad(x_up, (0, pw, 0, ph), mode=mode)

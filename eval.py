@@ -79,7 +79,7 @@ def score(sr: np.ndarray, hr: np.ndarray, scale: int, lpips: LPIPS | None) -> di
 
 def evaluate(models: dict, files: list[str], steps: list[int], seeds: list[int], lpips: LPIPS | None = None,
              crop: int = 0, tile: int | None = None, fix_colors: bool = True, vae_scale: int = 4,
-             fid: InceptionV3 | None = None, say=print) -> tuple[list[dict], list[str]]:
+             fid: InceptionV3 | None = None, guidance: float = 0.0, say=print) -> tuple[list[dict], list[str]]:
     """One row per (model or 'bicubic', steps, seed, image) with its scores, and the list of failures. `models`
     maps a name to a YonosSR, or to an AutoencoderKL whose reconstruction is scored next to bicubic at
     `vae_scale`. With `fid`, every row also holds the FID of its set (model, steps, seed) against the HR images."""
@@ -113,8 +113,9 @@ def evaluate(models: dict, files: list[str], steps: list[int], seeds: list[int],
                 for n in steps:
                     for seed in seeds:
                         t0 = time.time()
-                        sr = np.asarray(upscale(lr, model, steps=n, seed=seed, tile=tile, fix_colors=fix_colors))
-                        add(name + (" +colour fix" if fix_colors else ""), n, seed, path, sr, hr, s)
+                        sr = np.asarray(upscale(lr, model, n, seed, tile, fix_colors=fix_colors, guidance=guidance))
+                        add(name + (" +colour fix" if fix_colors else "") + (f" w={guidance:g}" if guidance else ""),
+                            n, seed, path, sr, hr, s)
                         say(f"{name} x{s} steps {n} seed {seed} {os.path.basename(path)}: PSNR {rows[-1]['psnr']:.2f} "
                             f"SSIM {rows[-1]['ssim']:.4f} ({time.time() - t0:.1f}s)")
             except ValueError as e:
@@ -247,6 +248,7 @@ def main(argv=None) -> int:
                    help="as sample.py: with its colour fix (default), or the model's raw output (--no-color-fix)")
     p.add_argument("--tile", type=int, default=None, help="latent tile size as in sample.py (default: the model's "
                                                           "training crop; 0: never tile)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight, as sample.py")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
     p.add_argument("--figure", default="", help="instead of the table: write LR | bicubic | yonos | HR for the first "
                                                 "image of --data to this PNG (first checkpoint)")
@@ -284,7 +286,8 @@ def main(argv=None) -> int:
         print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
     if fid is None:
         print(f"note: FID skipped (pass --fid with {InceptionV3.WEIGHTS} to include it)")
-    rows, failed = evaluate(models, files, steps, seeds, lpips, args.crop, args.tile, args.color_fix, args.vae_scale, fid)
+    rows, failed = evaluate(models, files, steps, seeds, lpips, args.crop, args.tile, args.color_fix, args.vae_scale, fid,
+                            args.guidance)
     if not rows:
         return err("no image could be scored: " + "; ".join(failed))
     summary = summarize(rows)

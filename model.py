@@ -39,6 +39,7 @@ class UNetConfig:
     upcast_attention: bool = False   # SD 2.1 computes attention in fp32 (matters only under fp16/bf16)
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+    guidance_embedding: bool = False  # ours (guided distillation): the guidance weight w as an input, like t
 
     def __post_init__(self):
         """Checks what the constructor relies on, so a bad config is one clear error, not a crash inside it."""
@@ -294,6 +295,10 @@ class UNet(nn.Module):
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(ch[0], temb_ch)
         self.time_embedding.linear_2 = nn.Linear(temb_ch, temb_ch)
+        if cfg.guidance_embedding:  # see add_guidance_embedding
+            self.guidance_embedding = nn.Module()
+            self.guidance_embedding.linear_1 = nn.Linear(ch[0], temb_ch)
+            self.guidance_embedding.linear_2 = nn.Linear(temb_ch, temb_ch)
 
         self.down_blocks = nn.ModuleList()
         for i in range(n):
@@ -342,10 +347,17 @@ class UNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        """w: the guidance weight per sample, for a U-Net with a guidance embedding (guided distillation)."""
         t = t.expand(x.shape[0]) if t.ndim == 0 else t  # one timestep per sample
         temb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, 4*C0)
+        if self.config.guidance_embedding:
+            w = torch.zeros(x.shape[0], device=x.device) if w is None else w.expand(x.shape[0])
+            # w in [0, ~10] through the same sinusoids as t in [0, 1000): scaled by 100 to use their range
+            wemb = timestep_embedding(100 * w, self.config.block_out_channels[0]).to(x.dtype)
+            temb = temb + self.guidance_embedding.linear_2(F.silu(self.guidance_embedding.linear_1(wemb)))
         context = context.expand(x.shape[0], -1, -1) if context.shape[0] == 1 else context
 
         x = self.conv_in(x)
@@ -391,6 +403,23 @@ def widen_conv_in(unet: UNet, in_channels: int = 8) -> UNet:
         new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.config.in_channels = in_channels
+    return unet
+
+
+def add_guidance_embedding(unet: UNet) -> UNet:
+    """Gives the U-Net a second embedding, of the guidance weight w, added to the timestep embedding (Meng et al.
+    2023, arXiv 2210.03142, sec. 4.1: the guided-distillation student takes w as an input). Its last layer starts
+    at zero, so the new U-Net computes exactly the old function for every w, as widen_conv_in does for z_l."""
+    if unet.config.guidance_embedding:
+        return unet
+    ch0, temb_ch = unet.config.block_out_channels[0], unet.time_embedding.linear_2.out_features
+    ref = unet.time_embedding.linear_1.weight
+    unet.guidance_embedding = nn.Module()
+    unet.guidance_embedding.linear_1 = nn.Linear(ch0, temb_ch).to(ref.device, ref.dtype)
+    unet.guidance_embedding.linear_2 = nn.Linear(temb_ch, temb_ch).to(ref.device, ref.dtype)
+    nn.init.zeros_(unet.guidance_embedding.linear_2.weight)
+    nn.init.zeros_(unet.guidance_embedding.linear_2.bias)
+    unet.config.guidance_embedding = True
     return unet
 
 

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", default="", help="model checkpoint from train.py (default: the shipped model of --scale)")
     p.add_argument("--steps", type=positive, default=None,
                    help="DDIM steps (default: 1, the point of YONOS-SR, or the count a model was distilled for)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w on the LR image: "
+                   "(1+w) v(z_l) - w v(0), sharper and less faithful as w grows; needs a model trained with "
+                   "--cond-drop or distilled with --stage guided (default: 0, no guidance)")
     p.add_argument("--out", default="", help="output file (one input) or folder (default: <name>_x<scale>.png "
                                              "beside each input)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
             if alpha is not None:
                 rgb.putalpha(alpha)
             t0 = time.time()
-            out = upscale(rgb, model, steps, args.seed, tile, overlap, args.color_fix)
+            out = upscale(rgb, model, steps, args.seed, tile, overlap, args.color_fix, args.guidance)
             write_atomic(dst, lambda f: out.save(f, format="PNG"))
             print(f"{src} ({rgb.width}x{rgb.height}) -> {dst} ({out.width}x{out.height}, {time.time() - t0:.1f}s)")
         except (ValueError, OSError) as e:

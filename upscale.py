@@ -73,7 +73,8 @@ def tile_settings(model: YonosSR, tile: int | None = None, overlap: int | None =
 
 @torch.no_grad()
 def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor, steps: int,
-                        tile: int | None, overlap: int, cells_per_batch: int = 64 * 64) -> torch.Tensor:
+                        tile: int | None, overlap: int, cells_per_batch: int = 64 * 64,
+                        guidance: float = 0.0) -> torch.Tensor:
     """x_up (1, 3, H, W) -> SR (1, 3, H, W), whole or in overlapping latent tiles of `tile` cells. Each tile runs
     encode -> DDIM -> decode on its own pixels and its slice of one global noise tensor, so overlapping tiles
     agree where they meet; outputs are blended with `blend_window`. Small tiles go through the model in
@@ -81,7 +82,7 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
     f = model.vae.config.factor
     h, w = noise.shape[-2:]
     if not tile or (h <= tile and w <= tile):
-        return model.super_resolve(x_up, steps, noise)
+        return model.super_resolve(x_up, steps, noise, guidance)
     out = torch.zeros_like(x_up, dtype=torch.float32)
     weight = torch.zeros((1, 1, *x_up.shape[-2:]), dtype=torch.float32, device=x_up.device)
     th, tw = min(tile, h), min(tile, w)
@@ -94,7 +95,7 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
             group = group + group[-1:] * (per_batch - len(group))
         pixels = [(slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f)) for y, x in group]
         sr = model.super_resolve(torch.cat([x_up[..., py, px] for py, px in pixels]), steps,
-                                 torch.cat([noise[..., y:y + th, x:x + tw] for y, x in group]))
+                                 torch.cat([noise[..., y:y + th, x:x + tw] for y, x in group]), guidance)
         for k, (py, px) in enumerate(pixels[:len(boxes[i:i + per_batch])]):
             out[..., py, px] += sr[k].float() * window
             weight[..., py, px] += window
@@ -107,10 +108,11 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
 
 @torch.no_grad()
 def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, tile: int | None = None,
-            overlap: int | None = None, fix_colors: bool = True) -> Image.Image:
+            overlap: int | None = None, fix_colors: bool = True, guidance: float = 0.0) -> Image.Image:
     """PIL image (any mode) -> PIL image `model.scale` times larger. RGBA keeps its alpha, upscaled bicubically;
     other modes come back as RGB. `tile` and `overlap` are in latent cells (None: `tile_settings`' defaults;
-    tile 0: never tile); `fix_colors` applies `color_fix` against the bicubic upsampling. A model that produces
+    tile 0: never tile); `fix_colors` applies `color_fix` against the bicubic upsampling; `guidance` is the
+    classifier-free guidance weight on the LR condition (yonos.sample_v). A model that produces
     NaN or Inf (a damaged checkpoint) raises ValueError rather than returning a black image."""
     tile, overlap = tile_settings(model, tile, overlap)
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
@@ -128,7 +130,7 @@ def upscale(image: Image.Image, model: YonosSR, steps: int = 1, seed: int = 0, t
         x_up = F.pad(x_up, (0, pw, 0, ph), mode=mode)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(model.noise_shape(1, x_up.shape[2], x_up.shape[3]), generator=g).to(device)
-    sr = super_resolve_tiled(model, x_up.to(dtype), noise.to(dtype), steps, tile, overlap)
+    sr = super_resolve_tiled(model, x_up.to(dtype), noise.to(dtype), steps, tile, overlap, guidance=guidance)
     if not torch.isfinite(sr).all():
         raise ValueError("the model produced non-finite values (NaN/Inf): its checkpoint is damaged")
     if fix_colors:

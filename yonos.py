@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from files import config_from_dict, load_checked, read_checkpoint, save_checkpoint
-from model import UNet, UNetConfig
+from model import UNet, UNetConfig, add_guidance_embedding
 from vae import AutoencoderKL, VAEConfig
 
 T = 1000
@@ -108,20 +108,41 @@ def ddim_step(z_t, v_pred, t, t_prev, alphas_cumprod):
     return q_sample(x0_pred, t_prev, eps_pred, alphas_cumprod)
 
 
-def predict_v(unet, z_t, z_l, t, context):
-    """The SR U-Net sees z_t and the LR latent concatenated on channels."""
-    return unet(torch.cat([z_t, z_l], dim=1), t, context)
+def predict_v(unet, z_t, z_l, t, context, w=None):
+    """The SR U-Net sees z_t and the LR latent concatenated on channels (and the guidance weight w, if it was
+    trained by guided distillation to take it)."""
+    x = torch.cat([z_t, z_l], dim=1)
+    return unet(x, t, context) if w is None else unet(x, t, context, w)
+
+
+def guided_v(unet, z_t, z_l, t, context, w):
+    """Classifier-free guidance on the LR condition (Ho & Salimans 2022, arXiv 2207.12598), in one batched call:
+    (1 + w) v(z_t, z_l) - w v(z_t, 0). It is linear, so x0 and eps are guided the same way. The U-Net must have
+    been trained with the condition dropped now and then (train.py --cond-drop)."""
+    v_cond, v_uncond = predict_v(unet, torch.cat([z_t, z_t]), torch.cat([z_l, torch.zeros_like(z_l)]),
+                                 torch.cat([t, t]), context).chunk(2)
+    return (1 + w) * v_cond - w * v_uncond
+
+
+def sample_v(unet, z_t, z_l, t, context, guidance: float = 0.0):
+    """v for sampling: plain; guided with two evaluations; or, for a guided-distilled U-Net, one call taking w."""
+    if not guidance:
+        return predict_v(unet, z_t, z_l, t, context)
+    if unet.config.guidance_embedding:
+        return predict_v(unet, z_t, z_l, t, context, torch.full((z_t.shape[0],), float(guidance), device=z_t.device))
+    return guided_v(unet, z_t, z_l, t, context, guidance)
 
 
 @torch.no_grad()
-def ddim_sample(unet, z_l, context, alphas_cumprod, steps: int = 1, noise: torch.Tensor | None = None):
+def ddim_sample(unet, z_l, context, alphas_cumprod, steps: int = 1, noise: torch.Tensor | None = None,
+                guidance: float = 0.0):
     """N-step DDIM sampler for the SR model: z_T ~ N(0, I) -> ... -> z_0 = x0_pred of the last step.
     With steps=1 this is a single line: x0_pred = alpha_999 z_T - sigma_999 v_pred."""
     z = torch.randn_like(z_l) if noise is None else noise
     ts = ddim_timesteps(steps)
     for t, t_prev in zip(ts, ts[1:] + [-1]):
         tb = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-        v_pred = predict_v(unet, z, z_l, tb, context).float()
+        v_pred = sample_v(unet, z, z_l, tb, context, guidance).float()
         z = ddim_step(z, v_pred, tb, torch.full_like(tb, t_prev), alphas_cumprod)
     return z
 
@@ -159,6 +180,57 @@ def scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, al
     with torch.no_grad():  # the teacher runs forward only; no gradient can reach it
         target = x0_from_v(z_t, predict_v(teacher, z_t, z_l_teacher, t, context), t, alphas_cumprod)
     x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context), t, alphas_cumprod)
+    return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
+
+
+def drop_condition(z_l: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+    """Replaces each sample's LR latent by zeros with probability p, so one U-Net learns both the conditional
+    and the unconditional prediction that classifier-free guidance mixes (Ho & Salimans 2022)."""
+    if not p:
+        return z_l
+    keep = torch.rand(z_l.shape[0], device=z_l.device, generator=generator) >= p
+    return z_l * keep[:, None, None, None].to(z_l.dtype)
+
+
+def two_step_target(teacher, z_t, z_l, t, t_mid, t_next, context, alphas_cumprod, w=None):
+    """Progressive distillation's target (Salimans & Ho 2022, Alg. 2): the x0 with which ONE DDIM step from t
+    lands where the teacher's TWO steps t -> t_mid -> t_next land:
+        x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t);
+    on the last step (t_next = -1, sigma = 0) it is the teacher's result itself."""
+    z_mid = ddim_step(z_t, predict_v(teacher, z_t, z_l, t, context, w).float(), t, t_mid, alphas_cumprod)
+    z_next = ddim_step(z_mid, predict_v(teacher, z_mid, z_l, t_mid, context, w).float(), t_mid, t_next,
+                       alphas_cumprod)
+    a, s = alpha_sigma(alphas_cumprod, t)
+    a_next, s_next = alpha_sigma(alphas_cumprod, t_next)
+    return (z_next - (s_next / s) * z_t) / (a_next - (s_next / s) * a)
+
+
+def progressive_distillation_loss(student, teacher, z_h, z_l, context, alphas_cumprod, teacher_steps: int,
+                                  generator=None, w=None):
+    """Salimans & Ho 2022, Alg. 2, on our v-parameterisation and trailing grid: a student step t -> t'' of the
+    N/2-step grid matches two teacher steps on the N-step grid, whose every other point is the student's.
+    Weight: "truncated SNR", max(SNR, 1) ||x0_pred - x~||^2 (their sec. 4)."""
+    grid = torch.tensor(ddim_timesteps(teacher_steps) + [-1], device=z_h.device)
+    j = torch.randint(0, teacher_steps // 2, (z_h.shape[0],), device=z_h.device, generator=generator)
+    t, t_mid, t_next = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
+    eps = torch.randn(z_h.shape, device=z_h.device, generator=generator)
+    z_t = q_sample(z_h, t, eps, alphas_cumprod)
+    with torch.no_grad():
+        target = two_step_target(teacher, z_t, z_l, t, t_mid, t_next, context, alphas_cumprod, w)
+    x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context, w), t, alphas_cumprod)
+    weight = snr(t, alphas_cumprod).clamp(min=1)
+    return (weight * (x0_pred.float() - target) ** 2).mean()
+
+
+def guided_distillation_loss(student, teacher, z_h, z_l, context, alphas_cumprod, w_max: float, generator=None):
+    """Meng et al. 2023 (arXiv 2210.03142), stage 1: a student that takes w as an input matches, in one call,
+    the teacher's guided prediction (1 + w) x0(z_l) - w x0(0) for w ~ U[0, w_max]; SNR+1 weighting as sr_loss."""
+    t, z_t = noised(z_h, alphas_cumprod, generator)
+    w = torch.rand(z_h.shape[0], device=z_h.device, generator=generator) * w_max
+    with torch.no_grad():
+        target = x0_from_v(z_t, guided_v(teacher, z_t, z_l, t, context, w[:, None, None, None]).float(), t,
+                           alphas_cumprod)
+    x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context, w), t, alphas_cumprod)
     return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
 
 
@@ -259,10 +331,11 @@ class YonosSR(nn.Module):
         return self.vae.decode(z / self.vae.config.scaling_factor)
 
     @torch.no_grad()
-    def super_resolve(self, x_up: torch.Tensor, steps: int = 1, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def super_resolve(self, x_up: torch.Tensor, steps: int = 1, noise: torch.Tensor | None = None,
+                      guidance: float = 0.0) -> torch.Tensor:
         """x_up: the LR image already bicubic-upsampled to the output size, in [-1, 1] -> SR image in [-1, 1]."""
         z_l = self.encode(x_up)
-        z_h = ddim_sample(self.unet, z_l, self.context.to(z_l.dtype), self.alphas_cumprod, steps, noise)
+        z_h = ddim_sample(self.unet, z_l, self.context.to(z_l.dtype), self.alphas_cumprod, steps, noise, guidance)
         return self.decode(z_h.to(z_l.dtype)).clamp(-1, 1)
 
     def compile(self, backend: str = "inductor", mode: str | None = "reduce-overhead") -> str | None:
@@ -360,6 +433,26 @@ def distillation_student(teacher: YonosSR, scale: int) -> YonosSR:
     student = copy.deepcopy(teacher.unet).requires_grad_(True)
     meta = {"stage": "sr", "teacher_scale": teacher.scale, "init": teacher.meta.get("init", "")}
     return YonosSR(student, teacher.vae, teacher.context, scale, meta)
+
+
+def progressive_student(teacher: YonosSR, teacher_steps: int) -> YonosSR:
+    """Progressive distillation's student (Salimans & Ho 2022): a copy of the teacher that samples in half the
+    teacher's steps; the checkpoint records that count, and sample.py uses it by default. Rounds chain
+    (8 -> 4 -> 2 -> 1) by passing each student as the next teacher."""
+    if teacher_steps < 2 or teacher_steps % 2:
+        raise ValueError(f"the teacher's step count must be even and at least 2, not {teacher_steps}")
+    teacher.requires_grad_(False).eval()
+    meta = dict(teacher.meta) | {"stage": "steps", "teacher_steps": teacher_steps, "sampling_steps": teacher_steps // 2}
+    return YonosSR(copy.deepcopy(teacher.unet).requires_grad_(True), teacher.vae, teacher.context, teacher.scale, meta)
+
+
+def guided_student(teacher: YonosSR, w_max: float) -> YonosSR:
+    """Guided distillation's student (Meng et al. 2023): the teacher's U-Net with a zero-initialised embedding of
+    the guidance weight w, so it starts as the unguided teacher for every w."""
+    teacher.requires_grad_(False).eval()
+    unet = add_guidance_embedding(copy.deepcopy(teacher.unet)).requires_grad_(True)
+    return YonosSR(unet, teacher.vae, teacher.context, teacher.scale, dict(teacher.meta) | {"stage": "guided",
+                                                                                            "w_max": w_max})
 
 
 class DecoderStage(nn.Module):

@@ -347,28 +347,37 @@ class UNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                w: torch.Tensor | None = None) -> torch.Tensor:
-        """w: the guidance weight per sample, for a U-Net with a guidance embedding (guided distillation)."""
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t  # one timestep per sample
-        temb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
-        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, 4*C0)
+    def embed(self, t: torch.Tensor, batch: int, dtype: torch.dtype, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The timestep embedding (plus the guidance weight's, for a guided-distilled U-Net): (B, 4*C0)."""
+        t = t.expand(batch) if t.ndim == 0 else t  # one timestep per sample
+        temb = timestep_embedding(t, self.config.block_out_channels[0]).to(dtype)
+        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))
         if self.config.guidance_embedding:
-            w = torch.zeros(x.shape[0], device=x.device) if w is None else w.expand(x.shape[0])
+            w = torch.zeros(batch, device=t.device) if w is None else w.expand(batch)
             # w in [0, ~10] through the same sinusoids as t in [0, 1000): scaled by 100 to use their range
-            wemb = timestep_embedding(100 * w, self.config.block_out_channels[0]).to(x.dtype)
+            wemb = timestep_embedding(100 * w, self.config.block_out_channels[0]).to(dtype)
             temb = temb + self.guidance_embedding.linear_2(F.silu(self.guidance_embedding.linear_1(wemb)))
-        context = context.expand(x.shape[0], -1, -1) if context.shape[0] == 1 else context
+        return temb
 
+    def down(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+        """The encoder half and the middle block: (mid-block output, skips for the up path, each level's output)."""
         x = self.conv_in(x)
-        skips = [x]
+        skips, levels = [x], []
         for block in self.down_blocks:  # (B, C_i, h, w) -> (B, C_i, h/2, w/2) per level
             x, outs = self._run(self._level, block, x, temb, context)
             skips += outs
+            levels.append(x)
         mid = self.mid_block
         x = mid.resnets[0](x, temb)
         x = mid.attentions[0](x, context)
-        x = mid.resnets[1](x, temb)
+        return mid.resnets[1](x, temb), skips, levels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        """w: the guidance weight per sample, for a U-Net with a guidance embedding (guided distillation)."""
+        temb = self.embed(t, x.shape[0], x.dtype, w)
+        context = context.expand(x.shape[0], -1, -1) if context.shape[0] == 1 else context
+        x, skips, _ = self.down(x, temb, context)
         for block in self.up_blocks:  # (B, C_i, h, w) -> (B, C_i, 2h, 2w) per level
             n = len(block.resnets)
             used, skips = tuple(skips[-n:]), skips[:-n]

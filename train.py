@@ -40,7 +40,8 @@ from metrics import LPIPS, psnr_y
 from model import UNET_PRESETS, UNet, load_empty_prompt_context, widen_conv_in
 from vae import VAE_PRESETS, AutoencoderKL
 from yonos import (PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage, discriminator_loss,
-                   distillation_student, drop_condition, guided_distillation_loss, guided_student,
+                   DiffusionDiscriminator, discriminator_adversarial_loss, distillation_student, drop_condition,
+                   generator_adversarial_loss, one_step_prediction, guided_distillation_loss, guided_student,
                    latent_scaling_factor, make_alphas_cumprod, progressive_distillation_loss, progressive_student,
                    resolve_device, scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
 
@@ -88,6 +89,12 @@ class TrainConfig:
     lpips: str = option("", "stage decoder: folder or Hub repo id with LPIPS weights (vgg16-397923af.pth, "
                             "vgg.pth); default: no LPIPS")
     gan_weight: float = option(0.0, "stage decoder: patch-GAN hinge weight (0: no discriminator)", low=0.0)
+    adv_weight: float = option(0.0, "stage sr: weight of D3SR's diffusion-discriminator loss on the one-step output "
+                                    "(0: none)", low=0.0)
+    adv_start: int = option(0, "stage sr: the adversarial term (and the discriminator's training) starts at this step",
+                            low=0)
+    adv_t_min: int = option(0, "stage sr: the discriminator noises latents to t ~ U[adv_t_min, adv_t_max]", low=0)
+    adv_t_max: int = option(999, "stage sr: see --adv-t-min", low=0)
     val_every: int = option(250, "validate every N steps (and at the end)", low=1)
     save_every: int = option(250, "write checkpoint + resume state every N steps (and at the end)", low=1)
     log_every: int = option(10, "append a metrics line every N steps", low=1)
@@ -144,16 +151,16 @@ def fail(msg: str):
 
 class Stage(NamedTuple):
     trained: nn.Module              # the parameters the optimiser updates (DDP wraps this module)
-    loss: Callable                  # loss(trained, batch, g) -> (loss, logs, (fake, real) for the disc or None)
+    loss: Callable                  # loss(trained, batch, g, step, disc) -> (loss, logs, the discriminator's
+                                    #   loss as a function to call after the generator's step, or None)
     bundle: nn.Module               # what is saved as the model file: YonosSR, or AutoencoderKL at stage vae
     teacher_scale: int | None = None  # scale distillation: the data also gives the LR at this scale
     disc: nn.Module | None = None   # a discriminator trained alongside (GAN terms), with its own optimiser
-    disc_loss: Callable | None = None  # disc_loss(disc, fake, real) -> loss
 
 
 def vae_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
     vae = AutoencoderKL(VAE_PRESETS[cfg.config]).to(device).train()
-    return Stage(vae, lambda model, batch, g: (*vae_loss(model, batch["hr"]), None), vae)
+    return Stage(vae, lambda model, batch, g, step, disc: (*vae_loss(model, batch["hr"]), None), vae)
 
 
 def new_sr_model(cfg: TrainConfig, say) -> YonosSR:
@@ -185,17 +192,27 @@ def sr_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
     bundle.unet.gradient_checkpointing = cfg.grad_checkpointing
 
     bundle.meta["cond_drop"] = cfg.cond_drop
+    # D3SR's diffusion discriminator, its trunk a frozen copy of the U-Net the generator starts from
+    disc = DiffusionDiscriminator(bundle.unet, (cfg.adv_t_min, cfg.adv_t_max)).to(device) if cfg.adv_weight else None
+    ctx = bundle.context
 
-    def loss(unet, batch, g):
+    def loss(unet, batch, g, step, disc_ddp):
         with torch.no_grad():
             z_h, z_l = bundle.encode(batch["hr"]), drop_condition(bundle.encode(batch["lr"]), cfg.cond_drop, g)
         if not cfg.teacher:
-            return sr_loss(unet, z_h, z_l, bundle.context, ac, g), {}, None
-        with torch.no_grad():
-            z_l_teacher = bundle.encode(batch["lr_teacher"])
-        return scale_distillation_loss(unet, teacher.unet, z_h, z_l, z_l_teacher, bundle.context, ac, g), {}, None
+            total = sr_loss(unet, z_h, z_l, ctx, ac, g)
+        else:
+            with torch.no_grad():
+                z_l_teacher = bundle.encode(batch["lr_teacher"])
+            total = scale_distillation_loss(unet, teacher.unet, z_h, z_l, z_l_teacher, ctx, ac, g)
+        if disc is None or step < cfg.adv_start:
+            return total, {}, None
+        fake = one_step_prediction(unet, z_l, ctx, ac, g)
+        adv = generator_adversarial_loss(disc, fake, z_l, ctx, ac, g)
+        return total + cfg.adv_weight * adv, {"loss_adv": adv.item()}, \
+            lambda: discriminator_adversarial_loss(disc_ddp, fake, z_h, z_l, ctx, ac, g)
 
-    return Stage(bundle.unet.train(), loss, bundle, teacher_scale(cfg.scale) if cfg.teacher else None)
+    return Stage(bundle.unet.train(), loss, bundle, teacher_scale(cfg.scale) if cfg.teacher else None, disc)
 
 
 def steps_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
@@ -213,7 +230,7 @@ def steps_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
     bundle.meta["teacher"] = os.path.basename(cfg.teacher)
     say(f"progressive distillation: {steps} -> {steps // 2} steps" + (f", w ~ U[0, {w_max}]" if w_max else ""))
 
-    def loss(unet, batch, g):
+    def loss(unet, batch, g, step, disc):
         with torch.no_grad():
             z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
         w = torch.rand(z_h.shape[0], device=device, generator=g) * w_max if w_max else None
@@ -232,7 +249,7 @@ def guided_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
     cfg.scale, ac = bundle.scale, make_alphas_cumprod().to(device)
     bundle.meta["teacher"] = os.path.basename(cfg.teacher)
 
-    def loss(unet, batch, g):
+    def loss(unet, batch, g, step, disc):
         with torch.no_grad():
             z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
         return guided_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, cfg.w_max, g), {}, None
@@ -249,16 +266,16 @@ def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say) -> Stag
     disc = PatchDiscriminator(width=64 if cfg.config == "sd" else 16).to(device) if cfg.gan_weight > 0 else None
     ac = make_alphas_cumprod().to(device)
 
-    def loss(decoder, batch, g):
+    def loss(decoder, batch, g, step, disc_ddp):
         with torch.no_grad():
             z_l = bundle.encode(batch["lr"])
             z_h = ddim_sample(bundle.unet, z_l, bundle.context, ac, 1, torch.randn(z_l.shape, generator=g,
                                                                                    device=z_l.device))
         x_rec = decoder(z_h)
-        return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, \
-            (x_rec, batch["hr"])
+        disc_step = (lambda: discriminator_loss(disc_ddp, x_rec, batch["hr"])) if disc is not None else None
+        return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, disc_step
 
-    return Stage(head, loss, bundle, None, disc, discriminator_loss)
+    return Stage(head, loss, bundle, None, disc)
 
 
 STAGES = {"vae": vae_stage, "sr": sr_stage, "decoder": decoder_fine_tune_stage, "steps": steps_stage,
@@ -464,6 +481,7 @@ def train_steps(cfg, stage: Stage, opt, opt_d, loader, files: RunFiles, val, ran
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     trained, disc = wrap(stage.trained, world, device), wrap(stage.disc, world, device)
     params = [p for p in stage.trained.parameters() if p.requires_grad]
+    disc_params = [p for group in opt_d.param_groups for p in group["params"]] if opt_d else []
     if stage.teacher_scale and cfg.degradation == "realesrgan":
         say("note: the teacher's and the student's Real-ESRGAN inputs are drawn independently")
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or cfg.quiet, dynamic_ncols=True, unit="step")
@@ -475,10 +493,10 @@ def train_steps(cfg, stage: Stage, opt, opt_d, loader, files: RunFiles, val, ran
         g = torch.Generator(device).manual_seed(cfg.seed * 7919 + step * world + rank)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        if stage.disc is not None:
-            stage.disc.requires_grad_(False)  # the generator's loss reads the discriminator but does not train it
+        for p in disc_params:  # the generator's loss reads the discriminator but does not train it
+            p.requires_grad_(False)
         with autocast():
-            loss, logs, pair = stage.loss(trained, batch, g)
+            loss, logs, disc_step = stage.loss(trained, batch, g, step, disc)
         if not torch.isfinite(loss):
             bar.close()
             last = f"the last good checkpoint is {cfg.out}" if files.saved or cfg.resume else "nothing was written"
@@ -488,10 +506,11 @@ def train_steps(cfg, stage: Stage, opt, opt_d, loader, files: RunFiles, val, ran
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
-        if stage.disc is not None:
-            stage.disc.requires_grad_(True)
+        if disc_step is not None:
+            for p in disc_params:
+                p.requires_grad_(True)
             with autocast():
-                loss_d = stage.disc_loss(disc, *pair)
+                loss_d = disc_step()
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
@@ -557,7 +576,8 @@ def main(cfg: TrainConfig) -> nn.Module:
             fail(f"--crop {cfg.crop} must be a multiple of {m} (VAE factor x U-Net levels) and of the scale {cfg.scale}")
         opt = optimizer([p for p in stage.trained.parameters() if p.requires_grad], cfg.lr, device,
                         weight_decay=cfg.weight_decay)
-        opt_d = optimizer(stage.disc.parameters(), cfg.lr, device, betas=(0.5, 0.9)) if stage.disc else None
+        opt_d = optimizer([p for p in stage.disc.parameters() if p.requires_grad], cfg.lr, device,
+                          betas=(0.5, 0.9)) if stage.disc else None
         start = resume_state(files, stage, cfg, opt, opt_d, device) if cfg.resume else 0
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                              sampler=StepSampler(start, cfg.steps, cfg.batch_size, rank, world),

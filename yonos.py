@@ -271,6 +271,58 @@ class PatchDiscriminator(nn.Module):
         return self.head(x)
 
 
+class DiffusionDiscriminator(nn.Module):
+    """D3SR's diffusion discriminator (Li et al., arXiv 2410.04224; the paper gives no equations and no code, so
+    the details are ours): it judges a latent noised to a random timestep, z_t = alpha_t z + sigma_t eps, with the
+    features of a frozen SR U-Net's encoder half and middle block (conditioned on z_l, like the generator), and
+    small trainable heads on each level's features and the middle block giving patch logits. Noising at any t
+    lets it compare coarse structure (large t) and fine detail (small t) without a teacher; the trunk stays
+    frozen, and the generator's gradients flow through it to the input."""
+
+    def __init__(self, unet: UNet, t_range: tuple[int, int] = (0, T - 1)):
+        super().__init__()
+        self.trunk = copy.deepcopy(unet).requires_grad_(False).eval()
+        self.t_range = t_range
+        c, g = unet.config.block_out_channels, unet.config.norm_num_groups
+        self.heads = nn.ModuleList(nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                                 nn.SiLU(), nn.Conv2d(ch, 1, 1)) for ch in [*c, c[-1]])
+
+    def train(self, mode: bool = True) -> "DiffusionDiscriminator":
+        super().train(mode)
+        self.trunk.eval()  # frozen: its group norms and attention behave as at inference
+        return self
+
+    def forward(self, z: torch.Tensor, z_l: torch.Tensor, context: torch.Tensor, alphas_cumprod,
+                generator=None) -> torch.Tensor:
+        """z: a clean latent (real or generated) -> (B, N) patch logits of all heads, at one random t per sample."""
+        lo, hi = self.t_range
+        t = torch.randint(lo, hi + 1, (z.shape[0],), device=z.device, generator=generator)
+        z_t = q_sample(z, t, torch.randn(z.shape, device=z.device, generator=generator), alphas_cumprod)
+        context = context.expand(z.shape[0], -1, -1)
+        mid, _, levels = self.trunk.down(torch.cat([z_t, z_l], 1), self.trunk.embed(t, z.shape[0], z.dtype), context)
+        return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, [*levels, mid])], 1)
+
+
+def generator_adversarial_loss(disc, fake, z_l, context, alphas_cumprod, generator=None):
+    """Non-saturating GAN loss of the generator (Goodfellow et al. 2014), as D3SR uses: softplus(-D(fake)),
+    averaged over patches. Non-saturating rather than hinge: its gradient stays strong while the discriminator
+    is winning, which it does early here (a one-step regression output is blurry, hence easy to tell)."""
+    return F.softplus(-disc(fake, z_l, context, alphas_cumprod, generator)).mean()
+
+
+def discriminator_adversarial_loss(disc, fake, real, z_l, context, alphas_cumprod, generator=None):
+    """The discriminator's side: softplus(-D(real)) + softplus(D(fake)), the generator's output detached."""
+    return (F.softplus(-disc(real, z_l, context, alphas_cumprod, generator)).mean()
+            + F.softplus(disc(fake.detach(), z_l, context, alphas_cumprod, generator)).mean())
+
+
+def one_step_prediction(unet, z_l, context, alphas_cumprod, generator=None):
+    """The one-step sample as a differentiable function of the U-Net: x0 = alpha_999 z_T - sigma_999 v(z_T, z_l)."""
+    z_T = torch.randn(z_l.shape, device=z_l.device, generator=generator)
+    t = torch.full((z_l.shape[0],), T - 1, device=z_l.device, dtype=torch.long)
+    return x0_from_v(z_T, predict_v(unet, z_T, z_l, t, context), t, alphas_cumprod)
+
+
 def decoder_loss(x_rec, x_h, perceptual=None, disc=None, w_perceptual: float = 1.0, w_gan: float = 0.1):
     """Decoder fine-tune loss (YONOS-SR sec. 3.3), the SD autoencoder's own losses: L1 + LPIPS (when a
     perceptual network is given) + the generator's hinge term -D(x_rec) (when a discriminator is given)."""

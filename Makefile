@@ -24,8 +24,12 @@ test: $(VENV)/.dev
 
 .PHONY: sample test
 
-# the tiny-scale experiments and the shipped model (about an hour on 2 cores): see experiments.sh
+# your own tiny model in about 15 minutes on 2 cores, into runs/tiny (README, "Your first hour")
+tiny: $(VENV)/.dev
+	bash tiny.sh runs/tiny
+
+# the study and the shipped models from scratch (hours on 2 cores; see experiments.sh)
 experiments: $(VENV)/.dev
 	bash experiments.sh runs
 
-.PHONY: experiments
+.PHONY: tiny experiments

@@ -4,15 +4,12 @@ Measures super-resolution checkpoints against the bicubic baseline on a folder o
   python eval.py assets/yonos_x4.pt --data photos/test --steps 1,2,4 --seeds 0,1 --out runs/eval/x4
   python eval.py runs/vae.pt --data photos/val               # a VAE file: its reconstruction vs bicubic
 
-Degrade -> super-resolve -> score -> report. Each HR image is cut to a multiple of the scale and degraded
-deterministically (bicubic, antialiased, rounded to 8 bits like a real LR file); every checkpoint super-resolves
-it at each step count and noise seed (upscale.py, as sample.py does); the result is scored against the HR image
-(metrics.py): PSNR and SSIM on the Y channel with a border of `scale` pixels cropped, the SR convention; a
-sharpness ratio (gradient energy of the output over the HR image's: below 1 is blurrier); LPIPS with --lpips
-and FID with --fid. Writes <out>.json, <out>.csv and, with matplotlib, <out>.png (metric vs steps).
-
-Every checkpoint and the output folder are checked before the long work; an image that cannot be scored is
-reported and left out, and the tables hold everything else.
+Degrade -> super-resolve -> score -> report. Each HR image, cut to a multiple of the scale, is degraded (bicubic,
+rounded to 8 bits like a real LR file), super-resolved at each step count and noise seed (upscale.py, as sample.py
+does) and scored (metrics.py): PSNR and SSIM on the Y channel with a border of `scale` pixels cropped, the SR
+convention; sharpness (gradient energy over the HR image's: below 1 is blurrier); LPIPS with --lpips, FID with
+--fid. Writes <out>.json, <out>.csv and, with matplotlib, <out>.png (metric vs steps). Checkpoints and the
+output folder are checked before the long work; an image that cannot be scored is reported and left out.
 
 References: Noroozi et al., YONOS-SR, arXiv 2401.17258.
 """
@@ -32,11 +29,17 @@ from metrics import LPIPS, InceptionV3, frechet_distance, gradient_energy, psnr_
 from upscale import upscale
 from yonos import YonosSR, load_checkpoint
 
+try:  # plots are optional
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+
 METRICS = ("psnr", "ssim", "sharpness", "lpips", "fid")
 
 
-def number(s: str) -> int:
-    """A positive whole number (for the options that count things)."""
+def number(s: str) -> int:  # for the options that count things
     if int(s) < 1:
         raise ValueError(f"expected a positive whole number, not {s}")
     return int(s)
@@ -102,7 +105,7 @@ def evaluate(models: dict, files: list[str], steps: list[int], seeds: list[int],
                 hr, lr = prepare(path, s, crop)
                 if not sr_model:  # a VAE: its reconstruction bounds every SR model that decodes through it
                     f = model.config.factor
-                    hr = hr[:hr.shape[0] - hr.shape[0] % f, :hr.shape[1] - hr.shape[1] % f]
+                    hr = hr[:hr.shape[0] // f * f, :hr.shape[1] // f * f]
                 if s not in scales_done:
                     add("bicubic", 0, 0, path, bicubic_up(lr, s)[:hr.shape[0], :hr.shape[1]], hr, s)
                 if not sr_model:
@@ -124,8 +127,7 @@ def evaluate(models: dict, files: list[str], steps: list[int], seeds: list[int],
                 say(f"skipping {failed[-1]}")
         scales_done.add(s)
     for (name, scale, n, seed), fake in feats.items():
-        real = [v for (sc, _), v in hr_feats.items() if sc == scale]
-        value = frechet_distance(np.stack(fake), np.stack(real))
+        value = frechet_distance(np.stack(fake), np.stack([v for (sc, _), v in hr_feats.items() if sc == scale]))
         for r in rows:
             if (r["model"], r["scale"], r["steps"], r["seed"]) == (name, scale, n, seed):
                 r["fid"] = value
@@ -165,31 +167,25 @@ def table(summary: list[dict]) -> str:
 
 
 def per_image_table(rows: list[dict], metric: str = "psnr") -> str:
-    """metric per image (mean over seeds) for each (model, steps): the numbers behind the averages."""
+    """metric per image (mean over seeds) for each (model, steps), and on how many images it beats the bicubic
+    row above it (rows come sorted by scale, bicubic first)."""
     images = list(dict.fromkeys(r["image"] for r in rows))
-    lines = ["| model | scale | steps | " + " | ".join(images) + " |", "|---|---|---|" + "---|" * len(images)]
+    lines, bicubic = ["| model | scale | steps | " + " | ".join(images) + " | beats bicubic |",
+                      "|---|---|---|" + "---|" * (len(images) + 1)], []
     for model, scale, n in dict.fromkeys((r["model"], r["scale"], r["steps"]) for r in rows):
         vals = [[r[metric] for r in rows if (r["model"], r["scale"], r["steps"], r["image"]) == (model, scale, n, im)]
                 for im in images]
-        lines.append(f"| {model} | x{scale} | {n or '-'} | " + " | ".join(f"{np.mean(v):.2f}" if v else "" for v in vals)
-                     + " |")
+        means = [float(np.mean(v)) if v else None for v in vals]
+        bicubic = means if model == "bicubic" else bicubic
+        wins = sum(m is not None and b is not None and m > b for m, b in zip(means, bicubic))
+        lines.append(f"| {model} | x{scale} | {n or '-'} | " + " | ".join(f"{m:.2f}" if m else "" for m in means)
+                     + (f" | {wins}/{len(images)} |" if model != "bicubic" else " | |"))
     return "\n".join(lines)
-
-
-def save_figure(fig, path: str) -> None:
-    """A matplotlib figure as a PNG, atomically."""
-    import matplotlib.pyplot as plt
-    write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
 
 
 def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
     """metric vs steps (log scale), one line per checkpoint, bicubic as a dashed line; False if no matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for model in dict.fromkeys(e["model"] for e in summary):
@@ -201,87 +197,81 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
         elif pts[0][0] > 0:  # VAE reconstructions have no steps
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} (x{pts[0][2]})")
     ax.set(xscale="log", xlabel="DDIM steps", ylabel=f"{metric.upper()} (Y channel)" if metric != "lpips" else "LPIPS")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
+    ax.legend(fontsize=8), ax.grid(alpha=0.3), fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
     return True
 
 
-def figure(model: YonosSR, image: str, path: str, box: int = 96, steps: int = 1, fix_colors: bool = True) -> None:
-    """LR input | bicubic | yonos | HR, side by side, on a centre crop of `image` (`box` LR pixels a side), with
-    the Y-PSNR of the crop under bicubic and yonos."""
-    s = model.scale
-    hr, lr = prepare(image, s)
-    box = min(box, lr.width, lr.height)
-    left, top = (lr.width - box) // 2, (lr.height - box) // 2
-    lr = lr.crop((left, top, left + box, top + box))
-    hr = Image.fromarray(hr).crop((left * s, top * s, (left + box) * s, (top + box) * s))
-    bic, sr = bicubic_up(lr, s), np.asarray(upscale(lr, model, steps=steps, fix_colors=fix_colors))
-    db = lambda x: f"{psnr_y(x, np.asarray(hr), s):.2f} dB"
-    panels = [("LR input (nearest)", lr.resize(hr.size, Image.NEAREST)), (f"bicubic, {db(bic)}", Image.fromarray(bic)),
-              (f"yonos, {steps} step, {db(sr)}", Image.fromarray(sr)), ("HR", hr)]
-    w, h, pad = hr.width, hr.height, 24
-    canvas = Image.new("RGB", (4 * w + 3 * 4, h + pad), "white")
+def figure(models: list[YonosSR], image: str, path: str, box: int = 96, steps: int = 1, fix_colors: bool = True):
+    """One row per model: LR input | bicubic | yonos | HR on a centre crop of `image` (`box` LR pixels of the x4
+    row a side, the same HR region in every row), with the Y-PSNR of the crop under bicubic and yonos."""
+    rows = []
+    for model in models:
+        s = model.scale
+        hr, lr = prepare(image, s)
+        b = min(box * 4 // s, lr.width, lr.height)
+        left, top = (lr.width - b) // 2, (lr.height - b) // 2
+        lr, hr = lr.crop((left, top, left + b, top + b)), Image.fromarray(hr).crop((left * s, top * s, (left + b) * s,
+                                                                                     (top + b) * s))
+        bic, sr = bicubic_up(lr, s), np.asarray(upscale(lr, model, steps=steps, fix_colors=fix_colors))
+        db = lambda x: f"{psnr_y(x, np.asarray(hr), s):.2f} dB"
+        rows.append([(f"x{s} LR input (nearest)", lr.resize(hr.size, Image.NEAREST)), (f"bicubic, {db(bic)}", bic),
+                     (f"yonos, {steps} step, {db(sr)}", sr), ("HR", hr)])
+    w, pad = max(r[3][1].width for r in rows), 24
+    canvas = Image.new("RGB", (4 * w + 12, len(rows) * (w + pad)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (label, img) in enumerate(panels):
-        canvas.paste(img.convert("RGB"), (i * (w + 4), pad))
-        draw.text((i * (w + 4) + 4, 5), label, fill="black")
+    for r, row in enumerate(rows):
+        for i, (label, img) in enumerate(row):
+            img = (Image.fromarray(img) if isinstance(img, np.ndarray) else img).convert("RGB").resize((w, w))
+            canvas.paste(img, (i * (w + 4), r * (w + pad) + pad))
+            draw.text((i * (w + 4) + 4, r * (w + pad) + 5), label, fill="black")
     write_atomic(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda msg: sys.exit(print(f"eval.py: error: {msg}", file=sys.stderr) or 2)  # one line, no usage
+    err = lambda msg: print(f"eval.py: error: {msg}", file=sys.stderr) or 2
+    p.error = lambda msg: sys.exit(err(msg))  # one line, no usage
     p.add_argument("ckpts", nargs="+", help="checkpoints to evaluate (each at its own scale)")
     p.add_argument("--data", default="photos/test", help="folder of HR images (default: photos/test)")
     p.add_argument("--steps", default="1", help="comma-separated DDIM step counts (default: 1)")
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds (default: 0)")
-    p.add_argument("--lpips", default="", help="folder or Hub repo id with vgg16-397923af.pth and vgg.pth (LPIPS); "
-                                               "default: skip")
-    p.add_argument("--fid", default="", help=f"{InceptionV3.WEIGHTS} (pytorch-fid's InceptionV3), or a folder or Hub "
-                                             "repo id holding it; default: skip. Needs many images to mean much")
+    p.add_argument("--lpips", default="", help="folder/Hub repo with vgg16-397923af.pth and vgg.pth (default: no LPIPS)")
+    p.add_argument("--fid", default="", help=f"{InceptionV3.WEIGHTS} or a folder/Hub repo with it (default: no FID)")
     p.add_argument("--limit", type=number, default=None, help="use the first N images only")
     p.add_argument("--vae-scale", type=number, default=4, help="for VAE files: the bicubic scale to compare with")
     p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True,
                    help="as sample.py: with its colour fix (default), or the model's raw output (--no-color-fix)")
-    p.add_argument("--tile", type=int, default=None, help="latent tile size as in sample.py (default: the model's "
-                                                          "training crop; 0: never tile)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile size, as sample.py (default: the training crop)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight, as sample.py")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
-    p.add_argument("--figure", default="", help="instead of the table: write LR | bicubic | yonos | HR for the first "
-                                                "image of --data to this PNG (first checkpoint)")
+    p.add_argument("--figure", default="", help="instead: LR | bicubic | yonos | HR of --data's first image, a row each")
     p.add_argument("--threads", type=number, default=None, help="CPU threads (default: what torch picks)")
     p.add_argument("--out", default="runs/eval/eval", help="writes OUT.json, OUT.csv, OUT.png (default: runs/eval/eval)")
     args = p.parse_args(argv)
-    err = lambda msg: print(f"eval.py: error: {msg}", file=sys.stderr) or 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        steps, seeds = [number(s) for s in args.steps.split(",")], [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        return err("--steps takes comma-separated positive whole numbers (e.g. 1,2,4), --seeds whole numbers")
     try:  # everything that can fail fast does so before the long work
+        steps, seeds = [number(s) for s in args.steps.split(",")], [int(s) for s in args.seeds.split(",")]
         files = list_images(args.data)[:args.limit] if os.path.isdir(args.data) else []
         if not files:
             raise ValueError(f"{args.data}: no images here (make the photos with: python data.py --export-photos photos)")
         models = {os.path.basename(c): load_checkpoint(c) for c in args.ckpts}
         if args.figure:
-            if not isinstance(models[os.path.basename(args.ckpts[0])], YonosSR):
-                raise ValueError(f"{args.ckpts[0]}: --figure needs an SR model, not a VAE")
-            figure(models[os.path.basename(args.ckpts[0])], files[0], args.figure, steps=steps[0],
-                   fix_colors=args.color_fix)
-            print(f"wrote {args.figure}")
-            return 0
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
+            if not all(isinstance(m, YonosSR) for m in models.values()):
+                raise ValueError("--figure needs SR models, not VAE files")
+            figure(list(models.values()), files[0], args.figure, steps=steps[0], fix_colors=args.color_fix)
+            return print(f"wrote {args.figure}") or 0
+        os.makedirs(folder := os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise ValueError(f"{folder}: cannot write there")
         lpips = LPIPS.load(args.lpips) if args.lpips else None
         fid = InceptionV3.load(args.fid) if args.fid else None
     except (FileNotFoundError, ValueError, OSError) as e:
-        return err(str(e).splitlines()[0])
+        return err(str(e).splitlines()[0] if "invalid literal" not in str(e) else "--steps takes comma-separated "
+                   "positive whole numbers (e.g. 1,2,4), --seeds whole numbers")
     if lpips is None:
         print("note: LPIPS skipped (pass --lpips DIR with vgg16-397923af.pth and vgg.pth to include it)")
     if fid is None:

@@ -133,10 +133,12 @@ class CLIPTextConfig:
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of the timestep (Vaswani et al. 2017, sec. 3.5), cos half first as in SD."""
+    # BEGIN SOLUTION timestep_embedding
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B,) -> (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    # END SOLUTION
 
 
 class ResnetBlock(nn.Module):
@@ -152,6 +154,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        # BEGIN SOLUTION resnet
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
@@ -159,6 +162,7 @@ class ResnetBlock(nn.Module):
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
+        # END SOLUTION
 
 
 class Attention(nn.Module):
@@ -175,6 +179,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a dropout: no weights
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # BEGIN SOLUTION attention
         context = x if context is None else context
         B, N, C = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
@@ -184,6 +189,7 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v).to(x.dtype)
         h = h.transpose(1, 2).reshape(B, N, C)  # (B, nh, N, hs) -> (B, N, C)
         return self.to_out[0](h)
+        # END SOLUTION
 
 
 class Downsample(nn.Module):
@@ -402,6 +408,7 @@ def widen_conv_in(unet: UNet, in_channels: int = 8) -> UNet:
     The new input channels get zero weights: the widened U-Net computes exactly the pretrained function
     at step 0, whatever the LR latent holds, and learns to use it during fine-tuning (as SD's own x4
     upscaler and depth models were made from the base model)."""
+    # BEGIN SOLUTION widen_conv_in
     old = unet.conv_in
     if in_channels < old.in_channels:
         raise ValueError(f"conv_in has {old.in_channels} channels already; cannot shrink to {in_channels}")
@@ -413,6 +420,7 @@ def widen_conv_in(unet: UNet, in_channels: int = 8) -> UNet:
     unet.conv_in = new
     unet.config.in_channels = in_channels
     return unet
+    # END SOLUTION
 
 
 def add_guidance_embedding(unet: UNet) -> UNet:

@@ -937,3 +937,22 @@ def test_diffusion_discriminator_learns_to_tell_real_from_generated_on_held_out_
         opt.step()
     after = accuracy(test_data)
     assert after > 0.7 and after > before, (before, after)
+
+
+def test_make_tiny_recipe_runs_end_to_end_at_a_few_steps(tmp_path):
+    """tiny.sh (make tiny) at CI size: every stage runs, the reports are written, assets/ and results/ untouched."""
+    write_photos(tmp_path / "train", n=4, size=64)
+    write_photos(tmp_path / "val", n=2, size=64, seed=1)
+    watched = {p: os.path.getmtime(p) for d in ("assets", "results") for p in
+               (os.path.join(HERE, d, f) for f in os.listdir(os.path.join(HERE, d)))}
+    env = {**os.environ, "PY": sys.executable, "DATA": str(tmp_path / "train"), "VAL": str(tmp_path / "val"),
+           "VAE_STEPS": "3", "SR_STEPS": "3", "DEC_STEPS": "2", "EVAL_STEPS": "1,2", "EVAL_CROP": "48"}
+    r = subprocess.run(["bash", os.path.join(HERE, "tiny.sh"), str(tmp_path / "run")], env=env, cwd=HERE,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert all(f"{i}/6" in r.stdout for i in range(1, 7)) and "total" in r.stdout
+    for name in ("x4_dec.pt", "eval.json", "eval.png", "curves.png"):
+        assert os.path.getsize(tmp_path / "run" / name) > 0, name
+    report = json.load(open(tmp_path / "run" / "eval.json"))
+    assert {e["steps"] for e in report["summary"]} == {0, 1, 2}
+    assert watched == {p: os.path.getmtime(p) for p in watched}

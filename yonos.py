@@ -43,8 +43,10 @@ T = 1000
 
 def make_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = T) -> torch.Tensor:
     """SD's "scaled linear" schedule (LDM configs): sqrt(beta) linear in t; returns alpha_bar_t, (T,) float64."""
+    # BEGIN SOLUTION schedule
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
+    # END SOLUTION
 
 
 def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,26 +59,34 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Te
 
 def q_sample(z_0, t, eps, alphas_cumprod):
     """Forward process q(z_t | z_0): z_t = alpha_t z_0 + sigma_t eps (DDPM eq. 4)."""
+    # BEGIN SOLUTION schedule
     a, s = alpha_sigma(alphas_cumprod, t)
     return a * z_0 + s * eps
+    # END SOLUTION
 
 
 def v_target(z_0, eps, t, alphas_cumprod):
     """v = alpha_t eps - sigma_t z_0 (Salimans & Ho 2022, eq. 15 region)."""
+    # BEGIN SOLUTION schedule
     a, s = alpha_sigma(alphas_cumprod, t)
     return a * eps - s * z_0
+    # END SOLUTION
 
 
 def x0_from_v(z_t, v, t, alphas_cumprod):
     """x0 = alpha_t z_t - sigma_t v."""
+    # BEGIN SOLUTION schedule
     a, s = alpha_sigma(alphas_cumprod, t)
     return a * z_t - s * v
+    # END SOLUTION
 
 
 def eps_from_v(z_t, v, t, alphas_cumprod):
     """eps = sigma_t z_t + alpha_t v."""
+    # BEGIN SOLUTION schedule
     a, s = alpha_sigma(alphas_cumprod, t)
     return s * z_t + a * v
+    # END SOLUTION
 
 
 def snr(t, alphas_cumprod):
@@ -94,18 +104,22 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = T) -> list[int]:
     training saw. 1 -> [999]; 4 -> [999, 749, 499, 249]. SD's schedule does not reach pure noise there: at t = 999,
     alpha_bar = 0.0047, so a training z_t still holds alpha = 0.068 of z_h, while the sampler starts from noise
     alone (Lin et al.'s zero-terminal-SNR point; the conditioning z_l carries the image anyway)."""
+    # BEGIN SOLUTION ddim
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
     ratio = num_train_timesteps / steps
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
+    # END SOLUTION
 
 
 def ddim_step(z_t, v_pred, t, t_prev, alphas_cumprod):
     """One deterministic DDIM step (Song et al. 2021, eq. 12 with sigma = 0) from t to t_prev in v-form:
     z_prev = alpha_prev x0_pred + sigma_prev eps_pred; t_prev = -1 returns x0_pred itself."""
+    # BEGIN SOLUTION ddim
     x0_pred = x0_from_v(z_t, v_pred, t, alphas_cumprod)
     eps_pred = eps_from_v(z_t, v_pred, t, alphas_cumprod)
     return q_sample(x0_pred, t_prev, eps_pred, alphas_cumprod)
+    # END SOLUTION
 
 
 def predict_v(unet, z_t, z_l, t, context, w=None):
@@ -161,26 +175,32 @@ def noised(z_h, alphas_cumprod, generator=None):
 def weighted_x0_loss(x0_pred, target, t, alphas_cumprod):
     """omega(lambda_t) ||x0_pred - target||^2 with omega = SNR + 1 ("SNR+1" weighting of Salimans & Ho 2022).
     Since x0_pred - z_0 = -sigma_t (v_pred - v) and SNR + 1 = 1 / sigma_t^2, against z_0 it is exactly the v-MSE."""
+    # BEGIN SOLUTION sr_loss
     w = snr(t, alphas_cumprod) + 1
     return (w * (x0_pred.float() - target.float()) ** 2).mean()
+    # END SOLUTION
 
 
 def sr_loss(unet, z_h, z_l, context, alphas_cumprod, generator=None):
     """Plain SR objective (YONOS-SR eq. 1): E ||x0_pred(z_t, z_l, t) - z_h||^2, weighted."""
+    # BEGIN SOLUTION sr_loss
     t, z_t = noised(z_h, alphas_cumprod, generator)
     x0_pred = x0_from_v(z_t, predict_v(unet, z_t, z_l, t, context), t, alphas_cumprod)
     return weighted_x0_loss(x0_pred, z_h, t, alphas_cumprod)
+    # END SOLUTION
 
 
 def scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, alphas_cumprod, generator=None):
     """Scale distillation (YONOS-SR eq. 2): the target is not z_h but the frozen teacher's x0_pred for the
     same z_t and t, where the teacher sees the milder LR (scale s/2) of the same HR crop and the student
     the LR at scale s. The target thus adapts to the noise level and is easier to reach at high noise."""
+    # BEGIN SOLUTION scale_distillation
     t, z_t = noised(z_h, alphas_cumprod, generator)
     with torch.no_grad():  # the teacher runs forward only; no gradient can reach it
         target = x0_from_v(z_t, predict_v(teacher, z_t, z_l_teacher, t, context), t, alphas_cumprod)
     x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context), t, alphas_cumprod)
     return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
+    # END SOLUTION
 
 
 def drop_condition(z_l: torch.Tensor, p: float, generator=None) -> torch.Tensor:
@@ -197,12 +217,14 @@ def two_step_target(teacher, z_t, z_l, t, t_mid, t_next, context, alphas_cumprod
     lands where the teacher's TWO steps t -> t_mid -> t_next land:
         x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t);
     on the last step (t_next = -1, sigma = 0) it is the teacher's result itself."""
+    # BEGIN SOLUTION progressive
     z_mid = ddim_step(z_t, predict_v(teacher, z_t, z_l, t, context, w).float(), t, t_mid, alphas_cumprod)
     z_next = ddim_step(z_mid, predict_v(teacher, z_mid, z_l, t_mid, context, w).float(), t_mid, t_next,
                        alphas_cumprod)
     a, s = alpha_sigma(alphas_cumprod, t)
     a_next, s_next = alpha_sigma(alphas_cumprod, t_next)
     return (z_next - (s_next / s) * z_t) / (a_next - (s_next / s) * a)
+    # END SOLUTION
 
 
 def progressive_distillation_loss(student, teacher, z_h, z_l, context, alphas_cumprod, teacher_steps: int,
@@ -326,17 +348,21 @@ def one_step_prediction(unet, z_l, context, alphas_cumprod, generator=None):
 def decoder_loss(x_rec, x_h, perceptual=None, disc=None, w_perceptual: float = 1.0, w_gan: float = 0.1):
     """Decoder fine-tune loss (YONOS-SR sec. 3.3), the SD autoencoder's own losses: L1 + LPIPS (when a
     perceptual network is given) + the generator's hinge term -D(x_rec) (when a discriminator is given)."""
+    # BEGIN SOLUTION decoder_gan
     loss = (x_rec - x_h).abs().mean()
     if perceptual is not None:
         loss = loss + w_perceptual * perceptual(x_rec, x_h).mean()
     if disc is not None:
         loss = loss - w_gan * disc(x_rec).mean()
     return loss
+    # END SOLUTION
 
 
 def discriminator_loss(disc, x_rec, x_h):
     """Hinge loss for the discriminator (Lim & Ye 2017, arXiv 1705.02894), as in the SD autoencoder."""
+    # BEGIN SOLUTION decoder_gan
     return F.relu(1 - disc(x_h)).mean() + F.relu(1 + disc(x_rec.detach())).mean()
+    # END SOLUTION
 
 
 # -----------------------------------------------------------------------------

@@ -5,11 +5,14 @@ Speed, measured in one run on one machine:
   2. our VAE decode vs diffusers' AutoencoderKL, likewise;
   3. end to end, one image through upscale(): x4 of a (latent*8/4)-px input, one step, eager (and compiled
      with CUDA graphs on CUDA), plus encode + N x (one U-Net step) + decode for N in --e2e-steps;
-  --data: the training data pipeline (data.SRPairs) in samples/s on one thread.
+  --data: the training data pipeline (data.SRPairs) in samples/s on one thread;
+  --train: training steps/s and peak GPU memory of the SR stage (train.py's step without the data loader) at
+     SD 2.1-base size, per batch size, with and without gradient checkpointing and channels_last.
 
   python bench.py --latent 64 --repeats 5                  # SD 2.1-base at 512x512 (64x64 latent), CPU
   python bench.py --device cuda --out bench_gpu.json       # on a GPU: CUDA-event timing, bf16, --compile
   python bench.py --data                                   # data loading only (no diffusers needed)
+  python bench.py --train --device cuda --out train_gpu.json   # training throughput, 512px crops, batch 4 and 8
 
 Timing: a warm-up call, then the median of --repeats; on CUDA each call is timed with CUDA events after a
 synchronize, so queued kernels are counted; ours and diffusers' calls alternate so drifts in load hit both.
@@ -21,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -31,7 +35,7 @@ from files import write_atomic
 from model import UNET_PRESETS, UNet, widen_conv_in
 from upscale import upscale
 from vae import VAE_PRESETS, AutoencoderKL
-from yonos import YonosSR, resolve_device
+from yonos import YonosSR, make_alphas_cumprod, resolve_device, sr_loss
 
 try:
     from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
@@ -185,6 +189,61 @@ def bench_data(args) -> dict:
     return res
 
 
+def bench_training(args, device: torch.device) -> dict:
+    """Steps/s and peak memory of the SR stage's step as train.py takes it: the frozen VAE encodes the HR crop and
+    the upsampled LR, sr_loss (bf16 autocast on CUDA), backward, gradient clipping, AdamW (fused on CUDA).
+    Random weights and images: the speed does not depend on them. The data loader is left out (see --data)."""
+    unet_name, vae_name = {"sd": ("sd21", "sd"), "tiny": ("tiny", "tiny"), "small": ("small", "small")}[args.train_config]
+    vae = AutoencoderKL(VAE_PRESETS[vae_name]).to(device).eval().requires_grad_(False)
+    c = vae.config.latent_channels
+    ac = make_alphas_cumprod().to(device)
+    cuda, res = device.type == "cuda", {"device": str(device), "config": args.train_config, "crop": args.train_crop,
+                                       "runs": []}
+    for batch in map(int, args.train_batch.split(",")):
+        for checkpointing in (False, True):
+            for channels_last in (False, True):
+                torch.manual_seed(0)
+                unet = UNet(replace(UNET_PRESETS[unet_name], in_channels=2 * c, out_channels=c)).to(device).train()
+                unet.gradient_checkpointing = checkpointing
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                unet.to(memory_format=fmt)
+                opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=cuda)
+                ctx = torch.randn(1, 77 if args.train_config == "sd" else 8, unet.config.cross_attention_dim,
+                                  device=device)
+                hr = torch.rand(batch, 3, args.train_crop, args.train_crop, device=device) * 2 - 1
+                lr_up = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+                def step():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        with torch.no_grad():
+                            z_h, z_l = (vae.encode(x)[0].to(memory_format=fmt) * vae.config.scaling_factor
+                                        for x in (hr, lr_up))
+                        loss = sr_loss(unet, z_h, z_l, ctx, ac)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                    opt.step()
+                row = {"batch": batch, "grad_checkpointing": checkpointing, "channels_last": channels_last}
+                try:
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    step_s = timed([step], args.repeats, device)[0]
+                    row |= {"steps_per_s": 1 / step_s, "samples_per_s": batch / step_s}
+                    if cuda:
+                        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                res["runs"].append(row)
+                del unet, opt
+                if cuda:
+                    torch.cuda.empty_cache()
+                mem = f", peak {row['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in row else ""
+                speed = f"{row['steps_per_s']:.2f} steps/s{mem}" if "steps_per_s" in row else row["error"]
+                print(f"train {args.train_config}, {args.train_crop}px crops, batch {batch}, grad checkpointing "
+                      f"{'on' if checkpointing else 'off'}, channels_last {'on' if channels_last else 'off'}: {speed}")
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
@@ -195,6 +254,11 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-e2e", action="store_true", help="only parts 1-2")
     p.add_argument("--compile", action="store_true", help="part 3 also compiled (CUDA graphs; CUDA only)")
     p.add_argument("--data", action="store_true", help="only the data pipeline benchmark")
+    p.add_argument("--train", action="store_true", help="only the training throughput benchmark")
+    p.add_argument("--train-config", choices=("sd", "small", "tiny"), default="sd",
+                   help="model size for --train (default: sd, i.e. SD 2.1-base's U-Net and the SD VAE)")
+    p.add_argument("--train-crop", type=int, default=512, help="HR crop side for --train (default: 512)")
+    p.add_argument("--train-batch", default="4,8", help="batch sizes for --train (default: 4,8)")
     p.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = p.parse_args(argv)
     if args.data:
@@ -206,7 +270,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"bench.py: error: {e}")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        res = bench_models(args, device)
+        res = bench_training(args, device) if args.train else bench_models(args, device)
     if args.out:
         write_atomic(args.out, json.dumps(res, indent=1))
     return res

@@ -79,7 +79,10 @@ def main(argv=None) -> int:
     if plt is None:
         p.error("needs matplotlib (pip install matplotlib)")
     try:
-        logs = {os.path.basename(path).removesuffix(".log.jsonl"): read_log(path) for path in args.logs}
+        names = [os.path.basename(path).removesuffix(".log.jsonl") for path in args.logs]
+        # the file name, or folder/name where names repeat (the same recipe with several seeds)
+        logs = {n if names.count(n) == 1 else os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), n):
+                read_log(path) for n, path in zip(names, args.logs)}
         plot(logs, args.out, args.smooth)
     except (OSError, ValueError) as e:
         p.error(str(e).splitlines()[0])

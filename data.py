@@ -292,7 +292,7 @@ def fetch_deb(package: str, into: str) -> str | None:
 def source_photo(source: str, name: str, roots: dict) -> tuple[Image.Image, str, str] | None:
     """(image, file it came from, licence) of one corpus entry, or None if its source is unavailable."""
     if source == "skimage":
-        from skimage import data as skdata
+        from skimage import data as skdata  # optional packages, needed only to export the corpus
         a = getattr(skdata, name)()
         a = a[0] if isinstance(a, tuple) else a  # stereo_motorcycle: (left, right, disparity)
         return Image.fromarray(np.asarray(a)), f"skimage.data.{name}()", LICENCES[source]

@@ -71,15 +71,6 @@ def bicubic_up(lr: Image.Image, scale: int) -> np.ndarray:
 # super-resolve and score
 
 
-def score(sr: np.ndarray, hr: np.ndarray, scale: int, lpips: LPIPS | None) -> dict:
-    row = {"psnr": psnr_y(sr, hr, scale), "ssim": ssim_y(sr, hr, scale),
-           "sharpness": gradient_energy(sr) / max(gradient_energy(hr), 1e-9)}
-    if lpips is not None:
-        with torch.no_grad():
-            row["lpips"] = lpips(to_tensor(Image.fromarray(sr))[None], to_tensor(Image.fromarray(hr))[None]).item()
-    return row
-
-
 def evaluate(models: dict, files: list[str], steps: list[int], seeds: list[int], lpips: LPIPS | None = None,
              crop: int = 0, tile: int | None = None, fix_colors: bool = True, vae_scale: int = 4,
              fid: InceptionV3 | None = None, guidance: float = 0.0, say=print) -> tuple[list[dict], list[str]]:
@@ -89,9 +80,13 @@ def evaluate(models: dict, files: list[str], steps: list[int], seeds: list[int],
     rows, failed, feats, hr_feats, scales_done = [], [], {}, {}, set()
     inception = lambda img: fid(to_tensor(Image.fromarray(img))[None])[0].numpy()
 
-    def add(name, n, seed, path, sr, hr, scale):
+    def add(name, n, seed, path, sr, hr, scale):  # score: PSNR, SSIM, sharpness (and LPIPS, FID features)
         rows.append({"model": name, "steps": n, "seed": seed, "image": os.path.basename(path), "scale": scale,
-                     **score(sr, hr, scale, lpips)})
+                     "psnr": psnr_y(sr, hr, scale), "ssim": ssim_y(sr, hr, scale),
+                     "sharpness": gradient_energy(sr) / max(gradient_energy(hr), 1e-9)})
+        if lpips is not None:
+            with torch.no_grad():
+                rows[-1]["lpips"] = lpips(to_tensor(Image.fromarray(sr))[None], to_tensor(Image.fromarray(hr))[None]).item()
         if fid is not None:
             with torch.no_grad():
                 feats.setdefault((name, scale, n, seed), []).append(inception(sr))
@@ -197,7 +192,9 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
         elif pts[0][0] > 0:  # VAE reconstructions have no steps
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} (x{pts[0][2]})")
     ax.set(xscale="log", xlabel="DDIM steps", ylabel=f"{metric.upper()} (Y channel)" if metric != "lpips" else "LPIPS")
-    ax.legend(fontsize=8), ax.grid(alpha=0.3), fig.tight_layout()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return True
@@ -242,8 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--fid", default="", help=f"{InceptionV3.WEIGHTS} or a folder/Hub repo with it (default: no FID)")
     p.add_argument("--limit", type=number, default=None, help="use the first N images only")
     p.add_argument("--vae-scale", type=number, default=4, help="for VAE files: the bicubic scale to compare with")
-    p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True,
-                   help="as sample.py: with its colour fix (default), or the model's raw output (--no-color-fix)")
+    p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True, help="as sample.py (default: on)")
     p.add_argument("--tile", type=int, default=None, help="latent tile size, as sample.py (default: the training crop)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight, as sample.py")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
@@ -258,7 +254,8 @@ def main(argv=None) -> int:
         files = list_images(args.data)[:args.limit] if os.path.isdir(args.data) else []
         if not files:
             raise ValueError(f"{args.data}: no images here (make the photos with: python data.py --export-photos photos)")
-        models = {os.path.basename(c): load_checkpoint(c) for c in args.ckpts}
+        names = [os.path.basename(c) for c in args.ckpts]  # the file name, or the path where names repeat
+        models = {n if names.count(n) == 1 else c: load_checkpoint(c) for n, c in zip(names, args.ckpts)}
         if args.figure:
             if not all(isinstance(m, YonosSR) for m in models.values()):
                 raise ValueError("--figure needs SR models, not VAE files")

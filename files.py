@@ -225,7 +225,7 @@ def fetch_pretrained(repo_or_path: str, subfolder: str, weights: str, revision: 
     elif os.path.exists(repo_or_path) or repo_or_path.count("/") != 1:
         raise FileNotFoundError(f"{repo_or_path}: neither a folder nor a Hub repo id of the form org/name")
     else:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # here, not at the top: it reads HF_HUB_* when imported
         kwargs = dict(cache_dir=cache_dir, local_files_only=local_files_only or False, revision=revision)
         try:
             root = snapshot_download(repo_or_path, allow_patterns=[f"{subfolder}/config.json", f"{subfolder}/{fname}",
@@ -264,11 +264,24 @@ def fetch_weights(spec: str, filename: str) -> str:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights not found: {path}")
         return path
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # here, not at the top: it reads HF_HUB_* when imported
     try:
         return hf_hub_download(spec, filename)
     except Exception as e:  # missing repo or file, offline and not cached, ...
         raise FileNotFoundError(f"weights not found: {filename} in {spec} ({type(e).__name__})") from None
+
+
+def build_pretrained(cls, config_cls, repo_or_path: str, subfolder: str, revision: str | None = None,
+                     variant: str | None = None, renames: dict | None = None, **hub_kwargs) -> nn.Module:
+    """A diffusers-layout model (our U-Net or VAE) from a Hub repo id or a local folder: its config.json becomes our
+    config (`config_cls.from_diffusers`), the model is built on the meta device (no memory and no random init for
+    weights about to be replaced), then takes the checked weights."""
+    config, state = fetch_pretrained(repo_or_path, subfolder, "diffusion_pytorch_model", revision, variant,
+                                     **hub_kwargs)
+    with torch.device("meta"):
+        model = cls(config_cls.from_diffusers(config))
+    load_checked(model, state, f"{repo_or_path}/{subfolder}", renames=renames, assign=True)
+    return model
 
 
 def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None = None, assign: bool = False) -> None:

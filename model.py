@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from files import check_positive_ints, fetch_pretrained, load_checked
+from files import build_pretrained, check_positive_ints, fetch_pretrained, load_checked
 
 # -----------------------------------------------------------------------------
 # configs
@@ -393,13 +393,8 @@ class UNet(nn.Module):
     @classmethod
     def from_pretrained(cls, repo_or_path: str, subfolder: str = "unet", revision: str | None = None,
                         variant: str | None = None, **hub_kwargs) -> "UNet":
-        """Loads a diffusers-layout U-Net from a Hub repo id or a local folder (see `fetch_pretrained`)."""
-        config, state = fetch_pretrained(repo_or_path, subfolder, "diffusion_pytorch_model", revision, variant,
-                                         **hub_kwargs)
-        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-            model = cls(UNetConfig.from_diffusers(config))
-        load_checked(model, state, f"{repo_or_path}/{subfolder}", assign=True)
-        return model
+        """Loads a diffusers-layout U-Net from a Hub repo id or a local folder (see `files.fetch_pretrained`)."""
+        return build_pretrained(cls, UNetConfig, repo_or_path, subfolder, revision, variant, **hub_kwargs)
 
 
 def widen_conv_in(unet: UNet, in_channels: int = 8) -> UNet:

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error = lambda msg: sys.exit(print(f"sample.py: error: {msg}", file=sys.stderr) or 2)  # one line, no usage
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
     p.add_argument("--scale", type=int, choices=sorted(SHIPPED), default=4,
-                   help="which shipped model to use: x2, x4 or x8 (default: 4; ignored with --ckpt)")
+                   help="which shipped model to use, assets/yonos_x{2,4,8}.pt where that file exists "
+                        "(only x4 ships today; default: 4; ignored with --ckpt)")
     p.add_argument("--ckpt", default="", help="model checkpoint from train.py (default: the shipped model of --scale)")
     p.add_argument("--steps", type=positive, default=None,
                    help="DDIM steps (default: 1, the point of YONOS-SR, or the count a model was distilled for)")
@@ -109,6 +110,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = args.ckpt or SHIPPED[args.scale]
+    if not args.ckpt and not os.path.exists(ckpt):
+        err(f"no x{args.scale} model is shipped yet ({os.path.relpath(ckpt)}): train one (README, \"Your first hour\") "
+            f"and pass it with --ckpt")
+        return 2
     try:
         device = resolve_device(args.device)
         model = YonosSR.load(ckpt, device, DTYPES[args.dtype])

@@ -956,3 +956,98 @@ def test_make_tiny_recipe_runs_end_to_end_at_a_few_steps(tmp_path):
     report = json.load(open(tmp_path / "run" / "eval.json"))
     assert {e["steps"] for e in report["summary"]} == {0, 1, 2}
     assert watched == {p: os.path.getmtime(p) for p in watched}
+
+
+def test_readme_reading_guide_points_at_the_code():
+    """The README's table paper -> function -> file:line: every row must name the line that defines the function
+    (the failure message gives the right lines, so the table is quick to mend when code moves)."""
+    import re
+    rows = re.findall(r"^\|[^|\n]*\|[^|\n]*\| `(\w+)` \| `(\w+\.py):(\d+)` \|$", open(os.path.join(HERE, "README.md"),
+                                                                                     encoding="utf-8").read(), re.M)
+    assert len(rows) >= 20
+    wrong = []
+    for fn, path, line in rows:
+        lines = open(os.path.join(HERE, path), encoding="utf-8").read().split("\n")
+        actual = [i for i, text in enumerate(lines, 1) if re.match(rf"(def|class) {fn}\b", text)]
+        if actual != [int(line)]:
+            wrong.append(f"{fn}: {path}:{line} should be {path}:{actual}")
+    assert not wrong, "; ".join(wrong)
+
+
+def periodic_amplitude(y: np.ndarray, period: float) -> float:
+    """The amplitude, in grey levels, of the component of period `period` pixels of y's column profile and row
+    profile (the larger): a grid or tile seam is aligned across the image, so averaging the rows (columns) keeps
+    it while the image's own detail, in no fixed phase, averages out."""
+    amps = []
+    for profile in (y.mean(axis=0), y.mean(axis=1)):
+        n, k = len(profile), round(len(profile) / period)
+        amps.append((1 if k == n // 2 else 2) * abs(np.fft.rfft(profile - profile.mean())[k]) / n)
+    return max(amps)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "saturated_photo"])
+def test_shipped_model_adds_no_periodic_pattern(kind):
+    """No grid, seam or blotch: what the model adds to the bicubic image has no component above half a grey level
+    at the tile stride, the tile size or the VAE's period (on a smooth colour gradient and on sklearn's saturated
+    flower). Measured here: at most 0.21 grey levels."""
+    from sklearn.datasets import load_sample_image
+    if kind == "gradient":
+        yy, xx = np.mgrid[0:96, 0:96] / 95.0
+        lr = Image.fromarray((np.stack([xx, yy, 1 - xx * yy], -1) * 200 + 25).astype(np.uint8))
+    else:
+        lr = Image.fromarray(load_sample_image("flower.jpg")[150:246, 200:296])
+    model = YonosSR.load(sample.SHIPPED[4])
+    added = metrics.rgb_to_y(np.asarray(upscale.upscale(lr, model))) - metrics.rgb_to_y(np.asarray(ev.bicubic_up(lr, 4)))
+    f = model.vae.config.factor
+    tile, overlap = upscale.tile_settings(model)
+    for period in (f, tile * f, (tile - overlap) * f):
+        assert periodic_amplitude(added, period) < 0.5, (kind, period)
+        # the check can fail: vertical stripes of 2 grey levels at that period, a faint grid, are caught
+        stripes = 2.0 * (np.cos(2 * np.pi * np.arange(added.shape[1]) / period)[None, :] > 0)
+        assert periodic_amplitude(added + stripes, period) > 0.5, (kind, period)
+
+
+# -----------------------------------------------------------------------------
+# bench.py and study.py: the measuring scripts' code paths, at CPU size
+
+
+def test_bench_training_reports_each_batch_and_memory_layout_on_a_tiny_config(tmp_path):
+    import bench
+    out = tmp_path / "train.json"
+    res = bench.main(["--train", "--train-config", "tiny", "--train-crop", "32", "--train-batch", "1,2",
+                      "--repeats", "1", "--out", str(out)])
+    combos = {(r["batch"], r["grad_checkpointing"], r["channels_last"]) for r in res["runs"]}
+    assert combos == {(b, g, c) for b in (1, 2) for g in (False, True) for c in (False, True)}
+    assert all(r["steps_per_s"] > 0 and r["samples_per_s"] == pytest.approx(r["batch"] * r["steps_per_s"])
+               for r in res["runs"])
+    assert json.load(open(out)) == json.loads(json.dumps(res))
+
+
+@pytest.mark.slow
+def test_bench_models_times_ours_against_diffusers_at_sd_size():
+    import bench
+    res = bench.main(["--latent", "8", "--e2e-latent", "8", "--e2e-steps", "1", "--repeats", "1"])
+    for part in ("unet_fp32", "decode_fp32"):
+        assert res[part]["ours_s"] > 0 and res[part]["diffusers_s"] > 0
+    assert res["e2e"]["runs"][1]["total_s"] > 0
+
+
+def test_study_tables_group_training_seeds_and_plot_guidance(tmp_path):
+    import study
+    rows = [{"model": "bicubic", "scale": 4, "steps": 0, "psnr": 20.0, "ssim": 0.5, "sharpness": 0.6}]
+    for seed, psnr in ((0, 21.0), (1, 23.0)):
+        rows.append({"model": f"runs/tiny_s{seed}/x4.pt", "scale": 4, "steps": 1, "psnr": psnr, "ssim": 0.6,
+                     "sharpness": 0.7})
+    table = study.study_table({"summary": rows})
+    assert "| runs/tiny_s*/x4.pt | x4 | 1 | 2 | 22.00 (21.00..23.00) |" in table
+    reports = []
+    for w, sharp in ((0, 0.7), (2, 0.9)):
+        report = {"summary": [{"model": "bicubic", "psnr": 20.0, "sharpness": 0.6}] +
+                  [{"model": f"runs/tiny_s{s}/x4_cfg.pt" + (f" w={w}" if w else ""), "psnr": 22.0 - w + s,
+                    "sharpness": sharp} for s in (0, 1)]}
+        reports.append(tmp_path / f"w{w}.json")
+        reports[-1].write_text(json.dumps(report))
+    assert study.main([*map(str, reports), "--guidance-plot", str(tmp_path / "g.png")]) == 0
+    assert os.path.getsize(tmp_path / "g.png") > 0
+    points = study.guidance_plot([json.load(open(r)) for r in reports], str(tmp_path / "g2.png"))
+    assert "| 0 | 22.50 | 0.700 |" in points and "| 2 | 20.50 | 0.900 |" in points

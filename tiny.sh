@@ -11,11 +11,11 @@ RUN=${1:-runs/tiny}
 SEED=${SEED:-0}
 DATA=${DATA:-photos/train}
 VAL=${VAL:-photos/val}
-VAE_STEPS=${VAE_STEPS:-1500}
-SR_STEPS=${SR_STEPS:-1500}
-DEC_STEPS=${DEC_STEPS:-800}
+VAE_STEPS=${VAE_STEPS:-700}
+SR_STEPS=${SR_STEPS:-800}
+DEC_STEPS=${DEC_STEPS:-400}
 EVAL_STEPS=${EVAL_STEPS:-1,2,4,8,16}
-EVAL_CROP=${EVAL_CROP:-192}
+EVAL_CROP=${EVAL_CROP:-128}
 mkdir -p "$RUN"
 if [ ! -d "$DATA" ]; then
   echo "no $DATA: making the photo corpus first (python data.py --export-photos photos)"
@@ -38,7 +38,7 @@ $T --stage decoder --unet "$RUN/x4.pt" --steps "$DEC_STEPS" --lr 1e-4 --threads 
 stage "5/6 evaluation: DDIM steps $EVAL_STEPS on $VAL (${EVAL_CROP}px centre crops, raw output)"
 $PY eval.py "$RUN/x4_plain.pt" "$RUN/x4.pt" "$RUN/x4_dec.pt" --data "$VAL" --crop "$EVAL_CROP" --steps "$EVAL_STEPS" \
   --no-color-fix --threads 2 --out "$RUN/eval" > "$RUN/eval.txt"
-head -n 6 "$RUN/eval.txt"
+sed -n '/^| model | scale | steps | seeds/,/^$/p' "$RUN/eval.txt"   # the summary table
 stage "6/6 training curves"
 $PY curves.py "$RUN"/x2.pt.log.jsonl "$RUN"/x4_plain.pt.log.jsonl "$RUN"/x4.pt.log.jsonl "$RUN"/x4_dec.pt.log.jsonl \
   --out "$RUN/curves.png"

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import (check_positive_ints, config_from_dict, fetch_pretrained, load_checked, read_checkpoint,
+from files import (build_pretrained, check_positive_ints, config_from_dict, load_checked, read_checkpoint,
                    save_checkpoint)
 from model import Attention, Downsample, ResnetBlock, Upsample
 
@@ -199,13 +199,10 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, repo_or_path: str, subfolder: str = "vae", revision: str | None = None,
                         variant: str | None = None, **hub_kwargs) -> "AutoencoderKL":
-        """Loads a diffusers-layout VAE from a Hub repo id or a local folder (see model.fetch_pretrained)."""
-        config, state = fetch_pretrained(repo_or_path, subfolder, "diffusion_pytorch_model", revision, variant,
-                                         **hub_kwargs)
-        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-            model = cls(VAEConfig.from_diffusers(config))
-        load_checked(model, state, f"{repo_or_path}/{subfolder}", renames=LEGACY_RENAMES, assign=True)
-        return model
+        """Loads a diffusers-layout VAE from a Hub repo id or a local folder (see files.fetch_pretrained); legacy
+        attention names are renamed."""
+        return build_pretrained(cls, VAEConfig, repo_or_path, subfolder, revision, variant, LEGACY_RENAMES,
+                                **hub_kwargs)
 
     def save(self, path: str) -> None:
         """A stand-alone VAE file (the output of `train.py --stage vae`)."""

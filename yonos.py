@@ -432,10 +432,12 @@ class YonosSR(nn.Module):
         self.compiled = True
         return None
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """One safetensors file; `dtype=torch.float16` halves it (weights are cast back to fp32 when loaded)."""
         header = {"unet": asdict(self.unet.config), "vae": asdict(self.vae.config), "scale": self.scale,
                   "meta": self.meta}
-        save_checkpoint(path, self.state_dict(), header)
+        tensors = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in self.state_dict().items()}
+        save_checkpoint(path, tensors, header)
 
     @classmethod
     def from_checkpoint(cls, tensors: dict, header: dict, path: str) -> "YonosSR":

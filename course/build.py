@@ -1,11 +1,6 @@
 """
-Writes the student copy of the repository: every region marked in the code
-
-    # BEGIN SOLUTION <task>
-    ...the instructor's solution...
-    # END SOLUTION
-
-is replaced by `raise NotImplementedError("<task>: ...")` at the same indentation; the markers stay, so building
+Writes the student copy of the repository: every region of the code between a line `# BEGIN SOLUTION <task>`
+and a line `# END SOLUTION` (the instructor's solution) is replaced by `raise NotImplementedError("<task>: ...")` at the same indentation; the markers stay, so building
 again from a student copy gives the same copy (idempotent), and every other byte is unchanged. The conventions
 are nbgrader's/otter-grader's; the tasks are described in course/README.md and graded by course/grade.py.
 

@@ -83,8 +83,10 @@ def main(argv=None) -> int:
         name, passed = t["name"].rsplit(" (", 1)
         print(f"| {name} | {t['score']:g} / {t['max_score']} | {passed.removesuffix(' tests)')} |")
     print(f"| **total** | **{report['score']:g} / {report['max_score']}** | ({report['execution_time']} s) |")
-    with open(args.out, "w", encoding="utf-8") as f:
+    tmp = f"{args.out}.tmp{os.getpid()}"  # written whole, then renamed: never half a results.json
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -63,7 +63,7 @@ fi
 
 Tt() { local seed=$1; shift; $T --config tiny --crop 32 --seed "$seed" --threads 1 "$@"; }
 # the budgets, in training steps counted from the VAE on (distillation steps also cost teacher forward passes):
-#   plain x4 800 (half the others); scale distillation x2 800 + x4 800; progressive from the plain x4: 800 + 3 rounds
+#   plain x4 800, and 1600 (the scale-distilled model's budget); scale distillation x2 800 + x4 800; progressive from the plain x4: 800 + 3 rounds
 #   of 200 (8 -> 4 -> 2 -> 1 steps); guided: its own conditional x4 (--cond-drop 0.1) 800 + the w-student 300 + 3 x 200
 guided_chain() {
   local seed=$1 R="$RUN/tiny_s$1"
@@ -81,6 +81,11 @@ progressive_chain() {
   Tt "$seed" --stage steps --teacher "$R/x4_plain_2steps.pt" --steps 200 --out "$R/x4_plain_1steps.pt"
   stamp "distill: progressive from plain, seed $seed"
 }
+plain_long() {  # the plain x4 given the budget of the distilled one (x2 800 + x4 800 steps)
+  local seed=$1 R="$RUN/tiny_s$1"
+  Tt "$seed" --scale 4 --vae "$R/vae.pt" --steps 1600 --out "$R/x4_plain_1600.pt"
+  stamp "distill: plain x4 for 1600 steps, seed $seed"
+}
 d3sr() {  # the tiny x4 distilled again, with D3SR's diffusion discriminator from step 300 on
   local seed=$1 R="$RUN/tiny_s$1"
   Tt "$seed" --scale 4 --teacher "$R/x2.pt" --steps 800 --adv-weight 0.05 --adv-start 300 --out "$R/x4_adv.pt"
@@ -94,6 +99,7 @@ if has d3sr; then
 fi
 if has distill; then
   for seed in $SEEDS; do slot; progressive_chain "$seed" & done
+  for seed in $SEEDS; do slot; plain_long "$seed" & done
 fi
 drain
 
@@ -115,6 +121,9 @@ lr.crop((110, 75, 270, 181)).save('assets/example.png')"
   runs() { for seed in $SEEDS; do for m in "$@"; do echo "$RUN/tiny_s$seed/$m"; done; done; }
   Es="$E --crop 128 --no-color-fix"   # 128-px centre crops of the 14 held-out photos, raw model output
   $Es $(runs x4_plain.pt x4.pt) --steps 1,2,4,8 --out results/study_x4 > results/study_x4.txt
+  if [ -f "$RUN/tiny_s0/x4_plain_1600.pt" ]; then
+    $Es $(runs x4_plain_1600.pt) --steps 1,2,4,8 --out results/study_x4_plain_1600 > results/study_x4_plain_1600.txt
+  fi
   $Es $(runs x4.pt x4_dec.pt) --out results/study_decoder > results/study_decoder.txt
   stamp "results: study"
   if [ -f "$RUN/tiny_s0/x4_guided_1steps.pt" ]; then
@@ -129,7 +138,7 @@ lr.crop((110, 75, 270, 181)).save('assets/example.png')"
   fi
   if [ -f "$RUN/tiny_s0/x4_adv.pt" ]; then
     $Es "$RUN/tiny_s0/x4.pt" "$RUN/tiny_s0/x4_adv.pt" --out results/d3sr > results/d3sr.txt
-    $E "$RUN/tiny_s0/x4.pt" "$RUN/tiny_s0/x4_adv.pt" --no-color-fix --figure results/d3sr.png
+    $E "$RUN/tiny_s0/x4.pt" "$RUN/tiny_s0/x4_adv.pt" --no-color-fix --figure results/d3sr_figure.png
   fi
   stamp "results: all"
 fi

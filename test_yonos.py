@@ -292,7 +292,9 @@ def test_widen_conv_in_leaves_output_bit_identical():
 
 
 
-AC = make_alphas_cumprod()
+# SD's schedule written out here rather than by make_alphas_cumprod, so the tests that only use it do not depend on
+# the course task that implements it (test_schedule_matches_sd checks make_alphas_cumprod itself)
+AC = torch.cumprod(1.0 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, dim=0)
 
 
 def tiny_sr_unet(seed=0) -> UNet:
@@ -318,7 +320,9 @@ def test_ddim_sampler_matches_diffusers(steps):
 
 def test_schedule_matches_sd():
     ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
-    assert AC.shape == (T,) and (AC.float() - ref).abs().max() < 1e-6
+    ours = make_alphas_cumprod()
+    assert ours.shape == (T,) and ours.dtype == torch.float64 and (ours.float() - ref).abs().max() < 1e-6
+    assert torch.equal(ours, AC)
     assert ddim_timesteps(1) == [999] and ddim_timesteps(4) == [999, 749, 499, 249]
 
 
@@ -1051,3 +1055,21 @@ def test_study_tables_group_training_seeds_and_plot_guidance(tmp_path):
     assert os.path.getsize(tmp_path / "g.png") > 0
     points = study.guidance_plot([json.load(open(r)) for r in reports], str(tmp_path / "g2.png"))
     assert "| 0 | 22.50 | 0.700 |" in points and "| 2 | 20.50 | 0.900 |" in points
+
+
+def test_course_build_blanks_regions_keeps_line_numbers_and_refuses_bad_markers():
+    sys.path.insert(0, os.path.join(HERE, "course"))
+    from build import blank_out
+    src = "def f(x):\n    # BEGIN SOLUTION ddim\n    y = x + 1\n    return y\n    # END SOLUTION\n\n\ndef g():\n    return 2\n"
+    out, tasks = blank_out(src, "m.py", {"ddim"})
+    assert tasks == ["ddim"] and len(out.split("\n")) == len(src.split("\n"))
+    assert out.split("\n")[2].strip().startswith('raise NotImplementedError("ddim: your code here')
+    assert out.split("\n")[7:] == src.split("\n")[7:]  # the rest, byte for byte, at the same line numbers
+    assert blank_out(out, "m.py", {"ddim"}) == (out, tasks)  # idempotent
+    for bad, words in [(src.replace("    # END SOLUTION\n", ""), "never ended"),
+                       (src.replace("    # BEGIN SOLUTION ddim\n", ""), "without a BEGIN"),
+                       (src.replace("    y = x + 1\n", "    # BEGIN SOLUTION ddim\n"), "cannot nest"),
+                       (src, "not a task")]:
+        with pytest.raises(ValueError, match=words) as e:
+            blank_out(bad, "m.py", {"ddim"} if words != "not a task" else {"schedule"})
+        assert "\n" not in str(e.value)

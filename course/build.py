@@ -1,6 +1,7 @@
 """
 Writes the student copy of the repository: every region of the code between a line `# BEGIN SOLUTION <task>`
-and a line `# END SOLUTION` (the instructor's solution) is replaced by `raise NotImplementedError("<task>: ...")` at the same indentation; the markers stay, so building
+and a line `# END SOLUTION` (the instructor's solution) is replaced by `raise NotImplementedError("<task>: ...")`
+at the same indentation, padded with blank lines so every line keeps its number; the markers stay, so building
 again from a student copy gives the same copy (idempotent), and every other byte is unchanged. The conventions
 are nbgrader's/otter-grader's; the tasks are described in course/README.md and graded by course/grade.py.
 
@@ -46,6 +47,9 @@ def blank_out(text: str, path: str, known: set[str]) -> tuple[str, list[str]]:
         elif end:
             if not open_task:
                 raise ValueError(f"{path}:{n}: END SOLUTION without a BEGIN SOLUTION")
+            # blank lines in place of the rest of the solution: every line after it keeps its number, so the
+            # README's file:line table and tracebacks point to the same places in both copies
+            out += [""] * max(0, n - open_task[2] - 2)
             open_task = None
             out.append(line)
         elif not open_task:

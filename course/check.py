@@ -18,19 +18,23 @@ from build import ROOT, build, tasks_in_readme
 from grade import grade
 
 
-def suite_outcomes(repo: str) -> tuple[int, list[tuple[str, str]]]:
-    """Runs the repository's test suite (not the task tests) in `repo`: (tests passed, [(failed test, message)])."""
+def suite_outcomes(repo: str) -> tuple[int, list[tuple[str, str]], list[str]]:
+    """Runs the repository's test suite (not the task tests) in `repo`: (tests passed, [(failed test, message)],
+    [test files that could not even be collected]). A file that fails to import hides all its tests, so a
+    collection error is never blamed on a task."""
     xml = os.path.join(repo, "junit.xml")
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "--ignore=course",
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "--ignore=course", "--continue-on-collection-errors",
                     f"--junitxml={xml}"], cwd=repo, capture_output=True, text=True, timeout=1800)
-    passed, failed = 0, []
+    passed, failed, uncollected = 0, [], []
     for case in ET.parse(xml).iter("testcase"):
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is None:
             passed += case.find("skipped") is None
+        elif "collection failure" in (bad.get("message") or ""):
+            uncollected.append(f"{case.get('classname') or ''}{case.get('name')}")
         else:
             failed.append((case.get("name"), (bad.get("message") or "") + (bad.text or "")))
-    return passed, failed
+    return passed, failed, uncollected
 
 
 def main() -> int:
@@ -56,13 +60,17 @@ def main() -> int:
         if scored:
             problems.append(f"the student copy scores points on {', '.join(scored)}")
         print(f"student copy: {student['score']:g} / {student['max_score']}")
-        passed, failed = suite_outcomes(copy)
+        passed, failed, uncollected = suite_outcomes(copy)
         blamed = lambda msg: "NotImplementedError" in msg and any(f"{n}: your code here" in msg for n in names)
         other = [name for name, msg in failed if not blamed(msg)]
         print(f"student copy, the rest of the suite: {passed} passed, {len(failed) - len(other)} failed on a "
-              f"task's NotImplementedError, {len(other)} failed otherwise")
+              f"task's NotImplementedError, {len(other)} failed otherwise, {len(uncollected)} file(s) not collected")
         if other:
             problems.append(f"in the student copy these tests fail for another reason: {', '.join(other[:5])}")
+        if uncollected:
+            problems.append(f"in the student copy these test files cannot be collected: {', '.join(uncollected)}")
+        if passed == 0:
+            problems.append("in the student copy no test of the suite passes")
     for p in problems:
         print(f"course/check.py: {p}", file=sys.stderr)
     return 1 if problems else 0

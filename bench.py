@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import SRPairs, list_images, open_image
+from data import SRPairs, bicubic_lr, list_images, open_image, upsample
 from files import write_atomic
 from model import UNET_PRESETS, UNet, widen_conv_in
 from upscale import upscale
@@ -211,7 +211,7 @@ def bench_training(args, device: torch.device) -> dict:
                 ctx = torch.randn(1, 77 if args.train_config == "sd" else 8, unet.config.cross_attention_dim,
                                   device=device)
                 hr = torch.rand(batch, 3, args.train_crop, args.train_crop, device=device) * 2 - 1
-                lr_up = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+                lr_up = upsample(bicubic_lr(hr, 4), hr.shape[-2:])  # the student's input, as data.SRPairs makes it
 
                 def step():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

@@ -21,6 +21,8 @@ import time
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository's own modules
+from files import write_atomic  # noqa: E402  (after the path is set)
 
 
 def tasks(readme: str = os.path.join(HERE, "README.md")) -> list[tuple[str, int]]:
@@ -83,10 +85,7 @@ def main(argv=None) -> int:
         name, passed = t["name"].rsplit(" (", 1)
         print(f"| {name} | {t['score']:g} / {t['max_score']} | {passed.removesuffix(' tests)')} |")
     print(f"| **total** | **{report['score']:g} / {report['max_score']}** | ({report['execution_time']} s) |")
-    tmp = f"{args.out}.tmp{os.getpid()}"  # written whole, then renamed: never half a results.json
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, args.out)
+    write_atomic(args.out, json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -2,21 +2,23 @@
 # Everything in the README's "Results", from scratch: the shipped models and every study, with the commands that
 # made them. Hours on a 2-core CPU; DEVICE=cuda runs the training on a GPU.
 #   bash experiments.sh [RUN_DIR]                       all parts, into RUN_DIR (default runs) and results/
-#   PARTS="study distill" bash experiments.sh           some parts: ship, study, distill, d3sr, results
-# Parts (default: study distill d3sr results, about 2 hours on 2 cores; the README gives the time of each):
+#   PARTS="ship chain" bash experiments.sh              some parts: ship, chain, study, distill, d3sr, results
+# Parts (default: all; the README gives the time each took here):
+#   ship     the shipped models: the small presets' chain VAE -> x2 -> x4 -> x8 (scale distillation, 1,200 steps
+#            each) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
+#   chain    the study on the shipped recipe, shortened (CHAIN_STEPS, default 100 a stage), per training seed: x2,
+#            x4 and x8 by scale distillation, and x4 and x8 by the plain objective given the same whole budget
 #   study    the tiny recipe (tiny.sh, README "Your first hour") once per training seed (SEEDS, default 0 1 2)
 #   distill  the other distillations on each seed's tiny x4: progressive from the plain model; a conditional model
 #            (--cond-drop) distilled by guided distillation, then progressively
 #   d3sr     the tiny x4 distilled again with D3SR's diffusion discriminator (D3SR_SEEDS, default 0)
 #   results  every evaluation on the held-out photos (photos/test) into results/, the figure, the example image
-#   ship     opt-in, not yet run to the end: a larger chain (small presets) VAE -> x2 -> x4 -> x8 with a decoder
-#            fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt (meant for a GPU; not timed here)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 RUN=${1:-runs}
 DEVICE=${DEVICE:-auto}
-PARTS=${PARTS:-study distill d3sr results}
+PARTS=${PARTS:-ship chain study distill d3sr results}
 SEEDS=${SEEDS:-0 1 2}
 [ -d photos/train ] || $PY data.py --export-photos photos
 mkdir -p "$RUN" results
@@ -25,27 +27,48 @@ stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T="$PY train.py --data photos/train --val-data photos/val --device $DEVICE --quiet --overwrite --lr-schedule cosine"
 
-if has ship; then
+if has ship; then   # the shipped chain: small presets, one thread (README "The shipped models" gives the times)
   S="$RUN/ship"
   mkdir -p "$S"
-  C="--config small --crop 64 --batch-size 8 --val-every 1000 --save-every 500 --log-every 50"
-  $T --stage vae --config small --crop 32 --batch-size 16 --steps 16000 --lr 3e-4 --val-every 2000 --save-every 1000 \
-    --log-every 50 --threads 2 --out "$S/vae.pt"
+  N=${SHIP_STEPS:-1200}
+  C="--config small --crop 64 --batch-size 8 --val-every 300 --save-every 100 --log-every 20 --threads 1"
+  # the VAE starts as an exact space-to-channel rearrangement (VAEConfig.shortcut); a short run measures its scale
+  $T --stage vae --config small --crop 32 --batch-size 16 --steps 100 --lr 1e-4 --warmup 10 --val-every 100 \
+    --save-every 100 --log-every 10 --threads 1 --out "$S/vae.pt"
   stamp "ship: VAE"
-  $T $C --scale 2 --vae "$S/vae.pt" --steps 6000 --lr 5e-4 --warmup 200 --threads 2 --out "$S/x2.pt"
+  $T $C --scale 2 --vae "$S/vae.pt" --steps "$N" --out "$S/x2.pt"
   stamp "ship: x2"
-  $T $C --scale 4 --teacher "$S/x2.pt" --steps 6000 --lr 5e-4 --warmup 200 --threads 1 --out "$S/x4.pt" &
-  $T $C --stage decoder --unet "$S/x2.pt" --steps 4000 --lr 2e-4 --warmup 100 --threads 1 --out "$S/x2_dec.pt" &
+  D="--steps ${SHIP_DECODER_STEPS:-400} --lr 2e-4 --warmup 50"
+  $T $C --stage decoder --unet "$S/x2.pt" $D --out "$S/x2_dec.pt" &
+  $T $C --scale 4 --teacher "$S/x2.pt" --steps "$N" --out "$S/x4.pt"
+  stamp "ship: x4 distilled from x2"
+  $T $C --stage decoder --unet "$S/x4.pt" $D --out "$S/x4_dec.pt" &
+  $T $C --scale 8 --teacher "$S/x4.pt" --steps "$N" --out "$S/x8.pt"
+  stamp "ship: x8 distilled from x4"
+  $T $C --stage decoder --unet "$S/x8.pt" $D --out "$S/x8_dec.pt"
   wait
-  stamp "ship: x4 distilled from x2, x2 decoder"
-  $T $C --scale 8 --teacher "$S/x4.pt" --steps 6000 --lr 5e-4 --warmup 200 --threads 1 --out "$S/x8.pt" &
-  $T $C --stage decoder --unet "$S/x4.pt" --steps 4000 --lr 2e-4 --warmup 100 --threads 1 --out "$S/x4_dec.pt" &
-  wait
-  $T $C --stage decoder --unet "$S/x8.pt" --steps 4000 --lr 2e-4 --warmup 100 --threads 2 --out "$S/x8_dec.pt"
-  stamp "ship: x8 distilled from x4, x4 and x8 decoders"
-  for s in 2 4 8; do
+  stamp "ship: decoders"
+  for s in 2 4 8; do   # fp16 storage: half the size, the same output to within the colour fix's rounding
     $PY -c "import sys, torch; from yonos import YonosSR; YonosSR.load(sys.argv[1]).save(sys.argv[2], torch.float16)" \
       "$S/x${s}_dec.pt" "assets/yonos_x$s.pt"
+  done
+fi
+
+if has chain; then   # the study on the shipped recipe (small presets), shortened: B steps a stage, per training seed
+  B=${CHAIN_STEPS:-100}
+  for seed in $SEEDS; do
+    R="$RUN/small_s$seed"
+    mkdir -p "$R"
+    Ts="$T --config small --crop 64 --batch-size 8 --seed $seed --threads 1 --warmup 20 --val-every 10000 \
+      --save-every $B --log-every 25"
+    V="$RUN/ship/vae.pt"   # the shipped chain's VAE (an exact rearrangement at init; its 100 steps moved it little)
+    $Ts --scale 2 --vae "$V" --steps "$B" --out "$R/x2.pt"
+    $Ts --scale 4 --teacher "$R/x2.pt" --steps "$B" --out "$R/x4.pt"
+    $Ts --scale 8 --teacher "$R/x4.pt" --steps "$B" --out "$R/x8.pt"
+    # plain models given the distilled ones' whole budget: x4 = x2 + x4 steps, x8 = x2 + x4 + x8 steps
+    $Ts --scale 4 --vae "$V" --steps $((2 * B)) --out "$R/x4_plain.pt"
+    $Ts --scale 8 --vae "$V" --steps $((3 * B)) --out "$R/x8_plain.pt"
+    stamp "chain: seed $seed (x2, x4 and x8 distilled, x4 and x8 plain)"
   done
 fi
 
@@ -105,19 +128,28 @@ drain
 
 if has results; then
   E="$PY eval.py --data photos/test --threads 2"
-  shipped=$(ls assets/yonos_x[248].pt)   # the shipped files there are (x4 always)
-  $E $shipped --crop 256 --out results/shipped > results/shipped.txt   # 256-px centre crops of the 14 photos
-  $E $shipped --crop 256 --no-color-fix --out results/shipped_raw > results/shipped_raw.txt
+  shipped=$(ls assets/yonos_x[248].pt)   # the shipped files there are
+  $E $shipped --out results/shipped > results/shipped.txt   # the 14 held-out photos, whole, one step, default
+  $E $shipped --no-color-fix --out results/shipped_raw > results/shipped_raw.txt
   $E $shipped --figure assets/figure.png
   # the example of make sample: a held-out photo (photos/test, which no recipe choice looked at), x4 bicubic LR of a crop
   $PY -c "from eval import prepare; from PIL import Image; hr, lr = prepare('photos/test/EveningGlow.png', 4); \
 lr.crop((110, 75, 270, 181)).save('assets/example.png')"
   $PY sample.py assets/example.png --out assets/example_x4.png --force
-  if [ -f "$RUN/ship/x8.pt" ]; then
-    $E "$RUN/ship/x2.pt" "$RUN/ship/x4.pt" "$RUN/ship/x8.pt" --no-color-fix --out results/ship_no_decoder \
-      > results/ship_no_decoder.txt
+  if [ -f "$RUN/ship/x8.pt" ]; then   # the decoder fine-tune on/off: the chain's U-Nets with the VAE's own decoder
+    $E "$RUN/ship/x2.pt" "$RUN/ship/x4.pt" "$RUN/ship/x8.pt" --out results/ship_no_decoder > results/ship_no_decoder.txt
+    $E "$RUN/ship/x2.pt" "$RUN/ship/x4.pt" "$RUN/ship/x8.pt" --no-color-fix --out results/ship_no_decoder_raw \
+      > results/ship_no_decoder_raw.txt
   fi
   stamp "results: shipped models"
+  if [ -f "$RUN/small_s0/x8_plain.pt" ]; then   # the study on the shipped recipe: 128-px crops, raw, DDIM 1..64
+    small() { for seed in $SEEDS; do for m in "$@"; do echo "$RUN/small_s$seed/$m"; done; done; }
+    for sc in 4 8; do
+      $E $(small x$sc.pt x${sc}_plain.pt) --crop 128 --no-color-fix --steps 1,2,4,8,16,32,64 --out results/chain_x$sc \
+        > results/chain_x$sc.txt
+    done
+    stamp "results: the study on the shipped recipe"
+  fi
   runs() { for seed in $SEEDS; do for m in "$@"; do echo "$RUN/tiny_s$seed/$m"; done; done; }
   Es="$E --crop 128 --no-color-fix"   # 128-px centre crops of the 14 held-out photos, raw model output
   $Es $(runs x4_plain.pt x4.pt) --steps 1,2,4,8 --out results/study_x4 > results/study_x4.txt

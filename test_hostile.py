@@ -64,6 +64,8 @@ FORGED = {  # name -> (header edit, tensor edit, words the one-line error must h
     "unet_null": (lambda h: h.__setitem__("unet", None), None, "JSON object"),
     "channels_not_a_list": (set_unet("block_out_channels", 64), None, "must be a list"),
     "vae_scaling_zero": (lambda h: h["vae"].__setitem__("scaling_factor", 0), None, "scaling_factor"),
+    "vae_shortcut_wrong_channels": (lambda h: h["vae"].__setitem__("shortcut", True), None, "shortcut"),
+    "lr_prior_negative": (set_unet("lr_prior_std", -1.0), None, "lr_prior_std"),
     "nan_weights": (None, lambda t: t["unet.conv_out.weight"].fill_(float("nan")), "non-finite"),
     "inf_weights": (None, lambda t: t["vae.decoder.conv_out.bias"].fill_(float("inf")), "non-finite"),
     "no_context": (None, lambda t: t.pop("context"), "context"),
@@ -93,7 +95,7 @@ def sample_main(args, capsys):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: 19 malformed files through sample.py, eval.py and train.py
+# checkpoints: 21 malformed files through sample.py, eval.py and train.py
 
 
 @pytest.mark.parametrize("name", list(FORGED) + ["truncated", "text", "pickle"])

@@ -365,6 +365,57 @@ def test_distillation_loss_zero_for_own_teacher_and_grad_only_to_student():
     assert sr_loss(student, z_h, z_l, context, AC, g()).item() > 0
 
 
+def test_shortcut_vae_starts_as_an_exact_space_to_channel_rearrangement():
+    """VAEConfig.shortcut (DC-AE's residual autoencoding): a fresh small VAE encodes to the pixels rearranged into
+    12 channels and decodes back exactly; after the residual branches move, both still differ from it only by them."""
+    vae = AutoencoderKL(VAE_PRESETS["small"]).eval()
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
+    with torch.no_grad():
+        mean, _ = vae.encode(x)
+        assert torch.equal(mean, torch.nn.functional.pixel_unshuffle(x, 2))
+        assert torch.allclose(vae.decode(mean), x, atol=1e-6)
+        torch.nn.init.normal_(vae.decoder.conv_out.weight, std=0.1)
+        rec = vae.decode(mean)
+    assert (rec - x).abs().max() > 1e-3  # the decoder's residual is added, not ignored
+    with pytest.raises(ValueError, match="shortcut"):
+        VAEConfig(block_out_channels=(32, 64), latent_channels=8, norm_num_groups=16, shortcut=True)
+    with pytest.raises(ValueError, match="shortcut"):
+        VAE_PRESETS["small"].to_diffusers()
+
+
+def test_lr_preconditioning_reads_the_output_as_a_residual_over_the_lr_latent():
+    """UNetConfig.lr_prior_std (yonos.lr_preconditioning): a U-Net that outputs 0 predicts x0 = z_l at t = 999 (so a
+    fresh model's one step is the bicubic input), z_t / alpha near t = 0, and what it outputs moves x0 by c_out."""
+    class Constant(torch.nn.Module):
+        def __init__(self, value, s=0.2):
+            super().__init__()
+            self.value, self.config = value, UNetConfig(in_channels=8, block_out_channels=(32,), attn_levels=(False,),
+                                                        num_heads=(1,), norm_num_groups=16, lr_prior_std=s)
+
+        def forward(self, x, t, context):
+            return torch.full_like(x[:, :4], self.value)
+
+    g = torch.Generator().manual_seed(0)
+    z_l, z_t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for t, expect, away in [(999, z_l, z_t), (0, z_t / AC[0].sqrt().float(), z_l)]:
+        tb = torch.full((3,), t)
+        x0 = x0_from_v(z_t, predict_v(Constant(0.0), z_t, z_l, tb, None), tb, AC)
+        # within 3% of the way from `expect` to the other end
+        assert (x0 - expect).norm() <= 0.03 * (away - expect).norm(), t
+    tb = torch.full((3,), 999)
+    moved = x0_from_v(z_t, predict_v(Constant(1.0), z_t, z_l, tb, None), tb, AC) - \
+        x0_from_v(z_t, predict_v(Constant(0.0), z_t, z_l, tb, None), tb, AC)
+    assert torch.allclose(moved, torch.full_like(moved, 0.2), atol=0.002)  # c_out = s at t = 999
+    # one DDIM step of a fresh small-preset model lands near the LR latent, far nearer than the noise it starts from
+    unet = UNet(UNET_PRESETS["small"]).eval()
+    z_l = torch.randn(1, 12, 16, 16, generator=g)
+    ctx = torch.randn(1, 8, 32, generator=g)
+    out = ddim_sample(unet, z_l, ctx, AC, 1, torch.randn(1, 12, 16, 16, generator=g))
+    assert (out - z_l).std() < 0.2 * z_l.std()
+    with pytest.raises(ValueError, match="lr_prior_std"):
+        UNetConfig(lr_prior_std=-1.0)
+
+
 def test_checkpoint_round_trip_without_pickle(tmp_path):
     model = YonosSR(tiny_sr_unet(), AutoencoderKL(VAE_PRESETS["tiny"]), torch.randn(1, 8, 32), 4, {"note": "x"})
     path = str(tmp_path / "x4.pt")
@@ -407,6 +458,28 @@ def tiny_chain(tmp_path_factory):
     train.main(tiny_cfg(tmp, stage="decoder", unet=out("x4.pt"), out=out("x4_dec.pt"), gan_weight=0.1,
                         lpips=str(tmp / "lpips")))
     return tmp
+
+
+def test_small_presets_chain_trains_and_its_fresh_models_start_at_the_bicubic_input(tmp_path):
+    """The shipped models' presets (shortcut VAE, preconditioned U-Net) through train.main: vae -> x2 -> x4
+    (distilled) -> decoder; after two steps each the one-step output is still within a small distance of the
+    bicubic input, as the parameterisation promises (a plain v-model starts far from it)."""
+    write_photos(tmp_path / "photos")
+    out = lambda name: str(tmp_path / name)
+    small = lambda **kw: tiny_cfg(tmp_path, config="small", **kw)
+    train.main(small(stage="vae", out=out("vae.pt")))
+    train.main(small(scale=2, vae=out("vae.pt"), out=out("x2.pt")))
+    train.main(small(scale=4, teacher=out("x2.pt"), out=out("x4.pt")))
+    train.main(small(stage="decoder", unet=out("x4.pt"), out=out("x4_dec.pt")))
+    x = to_tensor(Image.fromarray(skdata.astronaut()[100:132, 180:212]))[None]
+    for name in ("x2.pt", "x4_dec.pt"):
+        model = YonosSR.load(out(name)).eval()
+        assert model.unet.config.lr_prior_std == 0.2 and model.vae.config.shortcut
+        x_up, noise = degrade(x, model.scale), torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0))
+        near = (model.super_resolve(x_up, noise=noise) - x_up).abs().mean()
+        model.unet.config.lr_prior_std = 0.0  # the same weights read as a plain v-model
+        plain = (model.super_resolve(x_up, noise=noise) - x_up).abs().mean()
+        assert near < 0.25 * plain, (name, near, plain)
 
 
 def test_tiny_chain_checkpoints_load_and_sample(tiny_chain):

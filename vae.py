@@ -32,6 +32,10 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # 1 / std of SD's latents (LDM configs); the tiny VAE measures its own
+    # ours, after DC-AE's residual autoencoding (Chen et al. 2024, arXiv 2410.10733): the encoder adds the pixels
+    # rearranged into channels (space-to-channel) to its output, the decoder the inverse, so the networks learn
+    # residuals and a fresh VAE is already an exact rearrangement; needs latent_channels = in_channels * factor^2
+    shortcut: bool = False
 
     def __post_init__(self):
         check_positive_ints("VAEConfig", in_channels=self.in_channels, out_channels=self.out_channels,
@@ -42,9 +46,14 @@ class VAEConfig:
                              f"{self.norm_num_groups} norm groups")
         if not 0 < self.scaling_factor < 1e6:
             raise ValueError(f"VAEConfig: scaling_factor must be positive and finite, not {self.scaling_factor}")
+        if self.shortcut and not (self.latent_channels == self.in_channels * self.factor ** 2 == self.out_channels
+                                  * self.factor ** 2):
+            raise ValueError(f"VAEConfig: a shortcut needs latent_channels = in/out_channels x {self.factor ** 2}")
 
     def to_diffusers(self) -> dict:
         """The keyword arguments of diffusers' AutoencoderKL for the same network (tests, bench.py)."""
+        if self.shortcut:
+            raise ValueError("diffusers' AutoencoderKL has no space-to-channel shortcut")
         n = len(self.block_out_channels)
         return dict(in_channels=self.in_channels, out_channels=self.out_channels,
                     down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
@@ -78,8 +87,8 @@ VAE_PRESETS = {
     "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, scaling_factor=1.0),
     # the shipped models: 8 latent channels per 2x2 pixels, i.e. 2/3 of the pixel values instead of 1/3; with the
     # same training it reconstructed the val photos 1.0 dB better than 4 channels (README, "The VAE")
-    "small": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, latent_channels=8, norm_num_groups=16,
-                       scaling_factor=1.0),
+    "small": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, latent_channels=12, norm_num_groups=16,
+                       scaling_factor=1.0, shortcut=True),
 }
 
 # legacy names some Hub VAE files still use for the mid-block attention (diffusers < 0.14)
@@ -180,15 +189,23 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        if cfg.shortcut:  # the residual branches start at zero: encode and decode begin as exact rearrangements
+            for conv in (self.encoder.conv_out, self.decoder.conv_out):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+            nn.init.zeros_(self.quant_conv.bias)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> mean, logvar, each (B, 4, H/f, W/f); logvar clamped as in LDM."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        if self.config.shortcut:
+            mean = mean + F.pixel_unshuffle(x, self.config.factor)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) unscaled latent -> (B, 3, h*f, w*f), roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        x = self.decoder(self.post_quant_conv(z))
+        return x + F.pixel_shuffle(z, self.config.factor) if self.config.shortcut else x
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction through a sampled latent (the training path); returns (x_rec, mean, logvar)."""

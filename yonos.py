@@ -124,9 +124,37 @@ def ddim_step(z_t, v_pred, t, t_prev, alphas_cumprod):
 
 def predict_v(unet, z_t, z_l, t, context, w=None):
     """The SR U-Net sees z_t and the LR latent concatenated on channels (and the guidance weight w, if it was
-    trained by guided distillation to take it)."""
+    trained by guided distillation to take it). With `lr_prior_std` set in its config (the small presets), its
+    output is read through `lr_preconditioning`."""
     x = torch.cat([z_t, z_l], dim=1)
-    return unet(x, t, context) if w is None else unet(x, t, context, w)
+    out = unet(x, t, context) if w is None else unet(x, t, context, w)
+    s = prior_std(unet)
+    return out if not s else lr_preconditioning(out, z_t, z_l, t, s)
+
+
+def prior_std(unet) -> float:
+    """The s of lr_preconditioning a U-Net was built with (0: plain v-prediction); looks through a DDP wrapper."""
+    return getattr(getattr(getattr(unet, "module", unet), "config", None), "lr_prior_std", 0.0)
+
+
+_SCHEDULE = {}
+
+
+def lr_preconditioning(out, z_t, z_l, t, s: float):
+    """Ours, for U-Nets trained from scratch on a CPU (the paper uses SD's plain v-prediction): EDM's
+    preconditioning (Karras et al. 2022, arXiv 2206.00364, sec. 5) around the LR latent instead of around 0, i.e.
+    a prior z_0 ~ N(z_l, s^2 I). The best guess of z_0 from z_t under that prior (a Wiener filter),
+        x0_base = z_l + alpha s^2 / (sigma^2 + alpha^2 s^2) (z_t - alpha z_l),
+    is z_l itself at t = 999 and z_t / alpha near t = 0; the network adds c_out F to it, with
+    c_out = sigma s / sqrt(sigma^2 + alpha^2 s^2) the prior's posterior std, so it learns the residual
+    (z_h - z_l) / s at unit scale, as residual SR does (VDSR, Kim et al. 2016, arXiv 1511.04587; SRDiff, Li et
+    al. 2022, arXiv 2104.14951). Returns the v that this x0 means, so the losses and samplers are unchanged."""
+    if z_t.device not in _SCHEDULE:
+        _SCHEDULE[z_t.device] = make_alphas_cumprod().to(z_t.device)
+    a, sig = alpha_sigma(_SCHEDULE[z_t.device], t)
+    z_t, z_l, var = z_t.float(), z_l.float(), sig ** 2 + (a * s) ** 2
+    x0 = z_l + (a * s * s / var) * (z_t - a * z_l) + (sig * s / var.sqrt()) * out.float()
+    return (a * z_t - x0) / sig
 
 
 def guided_v(unet, z_t, z_l, t, context, w):
@@ -172,11 +200,17 @@ def noised(z_h, alphas_cumprod, generator=None):
     return t, q_sample(z_h, t, eps, alphas_cumprod)
 
 
-def weighted_x0_loss(x0_pred, target, t, alphas_cumprod):
+def weighted_x0_loss(x0_pred, target, t, alphas_cumprod, prior_std: float = 0.0):
     """omega(lambda_t) ||x0_pred - target||^2 with omega = SNR + 1 ("SNR+1" weighting of Salimans & Ho 2022).
-    Since x0_pred - z_0 = -sigma_t (v_pred - v) and SNR + 1 = 1 / sigma_t^2, against z_0 it is exactly the v-MSE."""
+    Since x0_pred - z_0 = -sigma_t (v_pred - v) and SNR + 1 = 1 / sigma_t^2, against z_0 it is exactly the v-MSE.
+    For a U-Net read through lr_preconditioning (prior_std = its s > 0), omega is EDM's 1 / c_out^2 instead,
+    (sigma^2 + alpha^2 s^2) / (sigma^2 s^2): the same weight on the network's own output at every t (with SNR + 1,
+    t near 0 would weigh 1 / s^2 = 25 times more than the high t at which one step samples)."""
     # BEGIN SOLUTION sr_loss
     w = snr(t, alphas_cumprod) + 1
+    if prior_std:
+        a, sig = alpha_sigma(alphas_cumprod, t)
+        w = (sig ** 2 + (a * prior_std) ** 2) / (sig * prior_std) ** 2
     return (w * (x0_pred.float() - target.float()) ** 2).mean()
     # END SOLUTION
 
@@ -186,7 +220,7 @@ def sr_loss(unet, z_h, z_l, context, alphas_cumprod, generator=None):
     # BEGIN SOLUTION sr_loss
     t, z_t = noised(z_h, alphas_cumprod, generator)
     x0_pred = x0_from_v(z_t, predict_v(unet, z_t, z_l, t, context), t, alphas_cumprod)
-    return weighted_x0_loss(x0_pred, z_h, t, alphas_cumprod)
+    return weighted_x0_loss(x0_pred, z_h, t, alphas_cumprod, prior_std(unet))
     # END SOLUTION
 
 
@@ -199,7 +233,7 @@ def scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, al
     with torch.no_grad():  # the teacher runs forward only; no gradient can reach it
         target = x0_from_v(z_t, predict_v(teacher, z_t, z_l_teacher, t, context), t, alphas_cumprod)
     x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context), t, alphas_cumprod)
-    return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
+    return weighted_x0_loss(x0_pred, target, t, alphas_cumprod, prior_std(student))
     # END SOLUTION
 
 
@@ -253,7 +287,7 @@ def guided_distillation_loss(student, teacher, z_h, z_l, context, alphas_cumprod
         target = x0_from_v(z_t, guided_v(teacher, z_t, z_l, t, context, w[:, None, None, None]).float(), t,
                            alphas_cumprod)
     x0_pred = x0_from_v(z_t, predict_v(student, z_t, z_l, t, context, w), t, alphas_cumprod)
-    return weighted_x0_loss(x0_pred, target, t, alphas_cumprod)
+    return weighted_x0_loss(x0_pred, target, t, alphas_cumprod, prior_std(student))
 
 
 def vae_loss(vae, x, kl_weight: float = 1e-6):

@@ -101,21 +101,24 @@ def ref_ddim_step(z_t, v_pred, t, t_prev, ac):
     return REF_Q(REF_X0(z_t, v_pred, t, ac), t_prev, REF_EPS(z_t, v_pred, t, ac), ac)
 
 
-def ref_weighted_x0_loss(x0_pred, target, t, ac):
-    return ((yonos.snr(t, ac) + 1) * (x0_pred.float() - target.float()) ** 2).mean()
+def ref_weighted_x0_loss(x0_pred, target, t, ac, prior_std=0.0):
+    a, s = yonos.alpha_sigma(ac, t)
+    w = (s ** 2 + (a * prior_std) ** 2) / (s * prior_std) ** 2 if prior_std else yonos.snr(t, ac) + 1
+    return (w * (x0_pred.float() - target.float()) ** 2).mean()
 
 
 def ref_sr_loss(unet, z_h, z_l, context, ac, generator=None):
     t, z_t = yonos.noised(z_h, ac, generator)
     x0 = REF_X0(z_t, yonos.predict_v(unet, z_t, z_l, t, context), t, ac)
-    return ref_weighted_x0_loss(x0, z_h, t, ac)
+    return ref_weighted_x0_loss(x0, z_h, t, ac, yonos.prior_std(unet))
 
 
 def ref_scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, ac, generator=None):
     t, z_t = yonos.noised(z_h, ac, generator)
     with torch.no_grad():
         target = REF_X0(z_t, yonos.predict_v(teacher, z_t, z_l_teacher, t, context), t, ac)
-    return ref_weighted_x0_loss(REF_X0(z_t, yonos.predict_v(student, z_t, z_l, t, context), t, ac), target, t, ac)
+    return ref_weighted_x0_loss(REF_X0(z_t, yonos.predict_v(student, z_t, z_l, t, context), t, ac), target, t, ac,
+                                yonos.prior_std(student))
 
 
 def ref_decoder_loss(x_rec, x_h, perceptual=None, disc=None, w_perceptual=1.0, w_gan=0.1):
@@ -363,6 +366,17 @@ def test_sr_loss_matches_its_reference_and_reaches_the_network(others):
     assert torch.allclose(loss, ref_sr_loss(net, z_h, z_l, ctx, AC, g()), rtol=1e-5)
     loss.backward()
     assert net.conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.sr_loss
+def test_weighted_x0_loss_with_a_prior_std_weighs_the_network_output_evenly(others):
+    """prior_std = s > 0: an x0 error of c_out * d (c_out = sigma s / sqrt(sigma^2 + alpha^2 s^2), what the network's
+    output d moves x0 by in yonos.lr_preconditioning) costs mean(d^2) at every t."""
+    t, d, s = torch.randint(0, 1000, (8,)), torch.randn(8, 4, 4, 4), 0.2
+    a, sig = yonos.alpha_sigma(AC, t)
+    err = sig * s / (sig ** 2 + (a * s) ** 2).sqrt() * d
+    z0 = torch.randn(8, 4, 4, 4)
+    assert torch.allclose(yonos.weighted_x0_loss(z0 + err, z0, t, AC, s), (d ** 2).mean(), rtol=1e-3)
 
 
 @pytest.mark.sr_loss

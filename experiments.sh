@@ -4,8 +4,8 @@
 #   bash experiments.sh [RUN_DIR]                       all parts, into RUN_DIR (default runs) and results/
 #   PARTS="ship chain" bash experiments.sh              some parts: ship, chain, study, distill, d3sr, results
 # Parts (default: all; the README gives the time each took here):
-#   ship     the shipped models: the small presets' chain VAE -> x2 -> x4 -> x8 (scale distillation, 1,200 steps
-#            each) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
+#   ship     the shipped models: the small presets' chain VAE -> x2 -> x4 -> x8 (scale distillation, 1,200, 1,200
+#            and 900 steps) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
 #   chain    the study on the shipped recipe, shortened (CHAIN_STEPS, default 100 a stage), per training seed: x2,
 #            x4 and x8 by scale distillation, and x4 and x8 by the plain objective given the same whole budget
 #   study    the tiny recipe (tiny.sh, README "Your first hour") once per training seed (SEEDS, default 0 1 2)
@@ -30,22 +30,21 @@ T="$PY train.py --data photos/train --val-data photos/val --device $DEVICE --qui
 if has ship; then   # the shipped chain: small presets, one thread (README "The shipped models" gives the times)
   S="$RUN/ship"
   mkdir -p "$S"
-  N=${SHIP_STEPS:-1200}
   C="--config small --crop 64 --batch-size 8 --val-every 300 --save-every 100 --log-every 20 --threads 1"
   # the VAE starts as an exact space-to-channel rearrangement (VAEConfig.shortcut); a short run measures its scale
   $T --stage vae --config small --crop 32 --batch-size 16 --steps 100 --lr 1e-4 --warmup 10 --val-every 100 \
     --save-every 100 --log-every 10 --threads 1 --out "$S/vae.pt"
   stamp "ship: VAE"
-  $T $C --scale 2 --vae "$S/vae.pt" --steps "$N" --out "$S/x2.pt"
+  $T $C --scale 2 --vae "$S/vae.pt" --steps 1200 --out "$S/x2.pt"
   stamp "ship: x2"
-  D="--steps ${SHIP_DECODER_STEPS:-400} --lr 2e-4 --warmup 50"
-  $T $C --stage decoder --unet "$S/x2.pt" $D --out "$S/x2_dec.pt" &
-  $T $C --scale 4 --teacher "$S/x2.pt" --steps "$N" --out "$S/x4.pt"
+  D="--lr 2e-4 --warmup 50"   # each decoder fine-tune runs beside the next distillation
+  $T $C --stage decoder --unet "$S/x2.pt" $D --steps 400 --out "$S/x2_dec.pt" &
+  $T $C --scale 4 --teacher "$S/x2.pt" --steps 1200 --out "$S/x4.pt"
   stamp "ship: x4 distilled from x2"
-  $T $C --stage decoder --unet "$S/x4.pt" $D --out "$S/x4_dec.pt" &
-  $T $C --scale 8 --teacher "$S/x4.pt" --steps "$N" --out "$S/x8.pt"
+  $T $C --stage decoder --unet "$S/x4.pt" $D --steps 300 --out "$S/x4_dec.pt" &
+  $T $C --scale 8 --teacher "$S/x4.pt" --steps 900 --out "$S/x8.pt"
   stamp "ship: x8 distilled from x4"
-  $T $C --stage decoder --unet "$S/x8.pt" $D --out "$S/x8_dec.pt"
+  $T $C --stage decoder --unet "$S/x8.pt" $D --steps 300 --out "$S/x8_dec.pt"
   wait
   stamp "ship: decoders"
   for s in 2 4 8; do   # fp16 storage: half the size, the same output to within the colour fix's rounding
@@ -127,27 +126,30 @@ fi
 drain
 
 if has results; then
-  E="$PY eval.py --data photos/test --threads 2"
-  shipped=$(ls assets/yonos_x[248].pt)   # the shipped files there are
-  $E $shipped --out results/shipped > results/shipped.txt   # the 14 held-out photos, whole, one step, default
-  $E $shipped --no-color-fix --out results/shipped_raw > results/shipped_raw.txt
-  $E $shipped --figure assets/figure.png
+  E="$PY eval.py --data photos/test --threads 1"
+  for s in 2 4 8; do   # the 14 held-out photos, whole, one step: the shipped file (default, raw) and its U-Net
+    # with the VAE's own decoder (the decoder fine-tune off)
+    $E assets/yonos_x$s.pt --out results/shipped_x$s > results/shipped_x$s.txt
+    $E assets/yonos_x$s.pt --no-color-fix --out results/shipped_x${s}_raw > results/shipped_x${s}_raw.txt
+    if [ -f "$RUN/ship/x$s.pt" ]; then
+      $E "$RUN/ship/x$s.pt" --out results/ship_no_decoder_x$s > results/ship_no_decoder_x$s.txt
+      $E "$RUN/ship/x$s.pt" --no-color-fix --out results/ship_no_decoder_x${s}_raw > results/ship_no_decoder_x${s}_raw.txt
+    fi
+  done
+  $E assets/yonos_x[248].pt --figure assets/figure.png
   # the example of make sample: a held-out photo (photos/test, which no recipe choice looked at), x4 bicubic LR of a crop
   $PY -c "from eval import prepare; from PIL import Image; hr, lr = prepare('photos/test/EveningGlow.png', 4); \
 lr.crop((110, 75, 270, 181)).save('assets/example.png')"
   $PY sample.py assets/example.png --out assets/example_x4.png --force
-  if [ -f "$RUN/ship/x8.pt" ]; then   # the decoder fine-tune on/off: the chain's U-Nets with the VAE's own decoder
-    $E "$RUN/ship/x2.pt" "$RUN/ship/x4.pt" "$RUN/ship/x8.pt" --out results/ship_no_decoder > results/ship_no_decoder.txt
-    $E "$RUN/ship/x2.pt" "$RUN/ship/x4.pt" "$RUN/ship/x8.pt" --no-color-fix --out results/ship_no_decoder_raw \
-      > results/ship_no_decoder_raw.txt
-  fi
   stamp "results: shipped models"
-  if [ -f "$RUN/small_s0/x8_plain.pt" ]; then   # the study on the shipped recipe: 128-px crops, raw, DDIM 1..64
+  if [ -f "$RUN/small_s0/x8_plain.pt" ]; then   # the study on the shipped recipe: raw output, DDIM 1..64, on 64-px
+    # centre crops (the training crop, one tile: 64 steps x 14 photos x 12 models on two cores)
     small() { for seed in $SEEDS; do for m in "$@"; do echo "$RUN/small_s$seed/$m"; done; done; }
     for sc in 4 8; do
-      $E $(small x$sc.pt x${sc}_plain.pt) --crop 128 --no-color-fix --steps 1,2,4,8,16,32,64 --out results/chain_x$sc \
-        > results/chain_x$sc.txt
+      $E $(small x$sc.pt x${sc}_plain.pt) --crop 64 --no-color-fix --steps 1,2,4,8,16,32,64 --out results/chain_x$sc \
+        > results/chain_x$sc.txt &
     done
+    wait
     stamp "results: the study on the shipped recipe"
   fi
   runs() { for seed in $SEEDS; do for m in "$@"; do echo "$RUN/tiny_s$seed/$m"; done; done; }

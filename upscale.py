@@ -73,7 +73,7 @@ def tile_settings(model: YonosSR, tile: int | None = None, overlap: int | None =
     over the LR latent (lr_prior_std > 0, the shipped ones) overlaps by 1/16 of the tile: what it adds is small,
     so neighbouring tiles differ little where they meet, and a thin overlap is what keeps the x4 of a 512-px
     photo within a minute on two CPU cores (README, "The shipped models"). Attention and group norm look at the whole tile: a model run on tiles much larger than it
-    was trained on drifts (README, "Tiles")."""
+    was trained on drifts (README, "Tiles and speed on a CPU")."""
     if tile is None:
         crop = model.meta.get("train_crop")
         tile = crop // model.vae.config.factor if crop else 64

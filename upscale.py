@@ -118,23 +118,18 @@ def super_resolve_tiled(model: YonosSR, x_up: torch.Tensor, noise: torch.Tensor,
 
     starts = range(0, len(boxes), per_batch)
     workers = torch.get_num_threads() if cpu and len(starts) > 1 else 1
-    if workers > 1:
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    if pool:
         torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                results = pool.map(run, starts)
-                for pixels, sr in results:
-                    for k, (py, px) in enumerate(pixels):
-                        out[..., py, px] += sr[k].float() * window
-                        weight[..., py, px] += window
-        finally:
-            torch.set_num_threads(workers)
-    else:
-        for i in starts:
-            pixels, sr = run(i)
+    try:
+        for pixels, sr in (pool.map(run, starts) if pool else map(run, starts)):  # in order: the same sums
             for k, (py, px) in enumerate(pixels):
                 out[..., py, px] += sr[k].float() * window
                 weight[..., py, px] += window
+    finally:
+        if pool:
+            pool.shutdown()
+            torch.set_num_threads(workers)
     return (out / weight).to(x_up.dtype)
 
 

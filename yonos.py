@@ -207,10 +207,11 @@ def weighted_x0_loss(x0_pred, target, t, alphas_cumprod, prior_std: float = 0.0)
     (sigma^2 + alpha^2 s^2) / (sigma^2 s^2): the same weight on the network's own output at every t (with SNR + 1,
     t near 0 would weigh 1 / s^2 = 25 times more than the high t at which one step samples)."""
     # BEGIN SOLUTION sr_loss
-    w = snr(t, alphas_cumprod) + 1
     if prior_std:
         a, sig = alpha_sigma(alphas_cumprod, t)
         w = (sig ** 2 + (a * prior_std) ** 2) / (sig * prior_std) ** 2
+    else:
+        w = snr(t, alphas_cumprod) + 1
     return (w * (x0_pred.float() - target.float()) ** 2).mean()
     # END SOLUTION
 

@@ -1,4 +1,6 @@
-"""Test helpers and fixtures shared by test_yonos.py and test_hostile.py (CPU only, offline, tiny configs)."""
+"""Test helpers and fixtures shared by test_yonos.py, test_scripts.py and test_hostile.py (CPU only, offline, tiny
+configs): small photos and checkpoints, tiny SD repos in diffusers layout, laid out as a Hub cache."""
+import json
 import os
 import subprocess
 import sys
@@ -6,10 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
 from PIL import Image
+from transformers import CLIPTextConfig as RefConfig, CLIPTextModel
 
-from model import UNET_PRESETS, UNet
-from vae import VAE_PRESETS, AutoencoderKL
+from model import UNET_PRESETS, UNet, UNetConfig
+from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from yonos import YonosSR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,3 +53,66 @@ def random_ckpt(tmp_path_factory):
 def run_script(args, env=None, cwd=None):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or HERE,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+# two tiny U-Nets, one per SD family: conv projection + one head count (SD 1.x),
+# linear projection + per-level heads + upcast attention (SD 2.x)
+TINY_SD1 = UNetConfig(block_out_channels=(32, 64), attn_levels=(True, False), layers_per_block=2,
+                      num_heads=(4, 4), cross_attention_dim=24, norm_num_groups=8)
+TINY_SD2 = UNetConfig(block_out_channels=(32, 64, 64), attn_levels=(True, True, False), layers_per_block=1,
+                      num_heads=(2, 4, 8), cross_attention_dim=40, norm_num_groups=8,
+                      use_linear_projection=True, upcast_attention=True)
+TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def tiny_clip_config(act: str) -> dict:
+    return dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act=act)
+
+
+VOCAB = 1000
+
+
+def write_tokenizer(folder, pad: str):
+    """A CLIP tokenizer folder as SD repos hold it (vocab.json, merges.txt, special_tokens_map.json)."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"!": 0, **{f"w{i}</w>": i for i in range(1, VOCAB - 2)}, "<|startoftext|>": VOCAB - 2,
+             "<|endoftext|>": VOCAB - 1}
+    json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
+    open(os.path.join(folder, "merges.txt"), "w").write("#version: 0.2\n")
+    json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad}, open(os.path.join(folder, "special_tokens_map.json"), "w"))
+
+
+def make_tiny_sd_repo(root, family: str = "sd2", unet_cfg: UNetConfig | None = None, seed: int = 0):
+    """A random tiny SD repo in diffusers layout (unet/ vae/ text_encoder/ tokenizer/), written by
+    diffusers' and transformers' own save_pretrained."""
+    torch.manual_seed(seed)
+    unet_cfg = unet_cfg or (TINY_SD2 if family == "sd2" else TINY_SD1)
+    act, pad = ("gelu", "!") if family == "sd2" else ("quick_gelu", "<|endoftext|>")
+    clip = tiny_clip_config(act) | {"hidden_size": unet_cfg.cross_attention_dim}
+    UNet2DConditionModel(**unet_cfg.to_diffusers()).save_pretrained(os.path.join(root, "unet"))
+    RefVAE(**TINY_VAE.to_diffusers()).save_pretrained(os.path.join(root, "vae"))
+    CLIPTextModel(RefConfig(**clip)).save_pretrained(os.path.join(root, "text_encoder"))
+    write_tokenizer(os.path.join(root, "tokenizer"), pad)
+    return root
+
+
+def make_hub_cache(cache, repo_id: str, family: str = "sd2", **kw) -> str:
+    """Lays a repo out as huggingface_hub's cache does: models--org--name/refs/main -> snapshots/<sha>/."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    base = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    make_tiny_sd_repo(os.path.join(base, "snapshots", sha), family, **kw)
+    os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+    open(os.path.join(base, "refs", "main"), "w").write(sha)
+    return str(cache)
+
+
+# SD's schedule written out here rather than by make_alphas_cumprod, so the tests that only use it do not depend on
+# the course task that implements it (test_schedule_matches_sd checks make_alphas_cumprod itself)
+AC = torch.cumprod(1.0 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, dim=0)
+
+
+def tiny_sr_unet(seed=0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(UNET_PRESETS["tiny"])

@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=number, default=None, help="use the first N images only")
     p.add_argument("--vae-scale", type=number, default=4, help="for VAE files: the bicubic scale to compare with")
     p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True, help="as sample.py (default: on)")
-    p.add_argument("--tile", type=int, default=None, help="latent tile size, as sample.py (default: the training crop)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile size, as sample.py (default: the one the "
+                   "checkpoint records, else its training crop)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight, as sample.py")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
     p.add_argument("--figure", default="", help="instead: LR | bicubic | yonos | HR of --data's first image, a row each")

@@ -5,9 +5,10 @@
 #   PARTS="ship chain" bash experiments.sh              some parts: ship, chain, study, distill, d3sr, results
 # Parts (default: all; the README gives the time each took here):
 #   ship     the shipped models: the small presets' chain VAE -> x2 -> x4 -> x8 (scale distillation, 1,200, 1,200
-#            and 900 steps) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
+#            and 2,000 steps) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
 #   chain    the study on the shipped recipe, shortened (CHAIN_STEPS, default 100 a stage), per training seed: x2,
-#            x4 and x8 by scale distillation, and x4 and x8 by the plain objective given the same whole budget
+#            x4 and x8 by scale distillation, and x4 and x8 by the plain objective given the same whole budget; and
+#            once, at the shipped budget, x4 by the plain objective (2,400 steps: the shipped x2's plus x4's)
 #   study    the tiny recipe (tiny.sh, README "Your first hour") once per training seed (SEEDS, default 0 1 2)
 #   distill  the other distillations on each seed's tiny x4: progressive from the plain model; a conditional model
 #            (--cond-drop) distilled by guided distillation, then progressively
@@ -27,6 +28,7 @@ stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T="$PY train.py --data photos/train --val-data photos/val --device $DEVICE --quiet --overwrite --lr-schedule cosine"
 
+ship_tile() { case $1 in 2|8) echo 64 ;; *) echo 0 ;; esac; }   # the tile each shipped file records (0: its crop's)
 if has ship; then   # the shipped chain: small presets, one thread (README "The shipped models" gives the times)
   S="$RUN/ship"
   mkdir -p "$S"
@@ -42,14 +44,18 @@ if has ship; then   # the shipped chain: small presets, one thread (README "The 
   $T $C --scale 4 --teacher "$S/x2.pt" --steps 1200 --out "$S/x4.pt"
   stamp "ship: x4 distilled from x2"
   $T $C --stage decoder --unet "$S/x4.pt" $D --steps 300 --out "$S/x4_dec.pt" &
-  $T $C --scale 8 --teacher "$S/x4.pt" --steps 900 --out "$S/x8.pt"
+  $T $C --scale 8 --teacher "$S/x4.pt" --steps 2000 --out "$S/x8.pt"
   stamp "ship: x8 distilled from x4"
   $T $C --stage decoder --unet "$S/x8.pt" $D --steps 300 --out "$S/x8_dec.pt"
   wait
   stamp "ship: decoders"
-  for s in 2 4 8; do   # fp16 storage: half the size, the same output to within the colour fix's rounding
-    $PY -c "import sys, torch; from yonos import YonosSR; YonosSR.load(sys.argv[1]).save(sys.argv[2], torch.float16)" \
-      "$S/x${s}_dec.pt" "assets/yonos_x$s.pt"
+  # fp16 storage: half the size, the same output to within the colour fix's rounding. x2 and x8 record a tile of
+  # twice their training crop (64 cells; meta.tile, sample.py's default), chosen on photos/val; x4 keeps its
+  # training crop's 32, which keeps a 512-px photo within a minute on two cores (README, "Tiles and speed on a CPU")
+  for s in 2 4 8; do
+    $PY -c "import sys, torch; from yonos import YonosSR; m = YonosSR.load(sys.argv[1]); t = int(sys.argv[3])
+if t: m.meta['tile'] = t
+m.save(sys.argv[2], torch.float16)" "$S/x${s}_dec.pt" "assets/yonos_x$s.pt" "$(ship_tile $s)"
   done
 fi
 
@@ -69,6 +75,10 @@ if has chain; then   # the study on the shipped recipe (small presets), shortene
     $Ts --scale 8 --vae "$V" --steps $((3 * B)) --out "$R/x8_plain.pt"
     stamp "chain: seed $seed (x2, x4 and x8 distilled, x4 and x8 plain)"
   done
+  # the plain objective at the shipped x4's whole budget, against the shipped x4 before its decoder fine-tune
+  $T --config small --crop 64 --batch-size 8 --val-every 600 --save-every 100 --log-every 20 --threads 1 --scale 4 \
+    --vae "$RUN/ship/vae.pt" --steps 2400 --out "$RUN/ship/x4_plain.pt"
+  stamp "chain: plain x4 at the shipped budget"
 fi
 
 # the training runs below go two at a time, one thread each (slot waits for a free one; a failure stops the script)
@@ -132,10 +142,16 @@ if has results; then
     $E assets/yonos_x$s.pt --out results/shipped_x$s > results/shipped_x$s.txt
     $E assets/yonos_x$s.pt --no-color-fix --out results/shipped_x${s}_raw > results/shipped_x${s}_raw.txt
     if [ -f "$RUN/ship/x$s.pt" ]; then
-      $E "$RUN/ship/x$s.pt" --out results/ship_no_decoder_x$s > results/ship_no_decoder_x$s.txt
-      $E "$RUN/ship/x$s.pt" --no-color-fix --out results/ship_no_decoder_x${s}_raw > results/ship_no_decoder_x${s}_raw.txt
+      t=$(ship_tile $s); [ "$t" != 0 ] || t=32   # the same tiles as the shipped file
+      $E "$RUN/ship/x$s.pt" --tile $t --out results/ship_no_decoder_x$s > results/ship_no_decoder_x$s.txt
+      $E "$RUN/ship/x$s.pt" --tile $t --no-color-fix --out results/ship_no_decoder_x${s}_raw \
+        > results/ship_no_decoder_x${s}_raw.txt
     fi
   done
+  if [ -f "$RUN/ship/x4_plain.pt" ]; then   # the plain objective at the shipped x4's budget (no decoder fine-tune)
+    $E "$RUN/ship/x4_plain.pt" --out results/ship_plain_x4 > results/ship_plain_x4.txt
+    $E "$RUN/ship/x4_plain.pt" --no-color-fix --out results/ship_plain_x4_raw > results/ship_plain_x4_raw.txt
+  fi
   $E assets/yonos_x[248].pt --figure assets/figure.png
   # the example of make sample: a held-out photo (photos/test, which no recipe choice looked at), x4 bicubic LR of a crop
   $PY -c "from eval import prepare; from PIL import Image; hr, lr = prepare('photos/test/EveningGlow.png', 4); \

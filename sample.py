@@ -60,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--tile", type=int, default=None, help="tile size in latent cells; 0: never tile (default: the "
-                   "latent size of the model's training crops; 64 for SD-based models)")
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in latent cells (default: half the tile)")
+                   "tile the checkpoint records, else the latent size of its training crops; 64 for SD-based models)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in latent cells (default: 1/16 of the tile "
+                   "for models that add a residual to the LR latent, as the shipped ones; half the tile for others)")
     p.add_argument("--color-fix", action=argparse.BooleanOptionalAction, default=True,
                    help="take the low frequencies (colours, smooth shading) from the bicubic input, as StableSR's "
                         "wavelet colour fix; --no-color-fix shows the model's raw output (default: on)")

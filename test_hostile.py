@@ -59,6 +59,7 @@ FORGED = {  # name -> (header edit, tensor edit, words the one-line error must h
     "scale_negative": (lambda h: h.__setitem__("scale", -4), None, "scale"),
     "scale_string": (lambda h: h.__setitem__("scale", "4"), None, "scale"),
     "train_crop_string": (lambda h: h.setdefault("meta", {}).__setitem__("train_crop", "32"), None, "train_crop"),
+    "tile_zero": (lambda h: h.setdefault("meta", {}).__setitem__("tile", 0), None, "meta.tile"),
     "zero_heads": (set_unet("num_heads", [0, 4, 4]), None, "num_heads"),
     "zero_norm_groups": (set_unet("norm_num_groups", 0), None, "norm_num_groups"),
     "unet_null": (lambda h: h.__setitem__("unet", None), None, "JSON object"),
@@ -95,7 +96,7 @@ def sample_main(args, capsys):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: 21 malformed files through sample.py, eval.py and train.py
+# checkpoints: 22 malformed files through sample.py, eval.py and train.py
 
 
 @pytest.mark.parametrize("name", list(FORGED) + ["truncated", "text", "pickle"])

@@ -274,6 +274,23 @@ def test_sample_same_seed_same_output(random_ckpt):
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
 
 
+def test_tile_defaults_come_from_the_checkpoint(random_ckpt, tmp_path):
+    """The tile: the checkpoint's meta.tile, else its training crop's latent size, else 64; the overlap: half the
+    tile, 1/16 for models that add a residual to the LR latent. meta.tile survives a save in fp16."""
+    model = YonosSR.load(random_ckpt)
+    f = model.vae.config.factor
+    assert model.unet.config.lr_prior_std == 0 and "train_crop" not in model.meta and "tile" not in model.meta
+    assert upscale.tile_settings(model) == (64, 32)
+    model.meta["train_crop"] = 24 * f
+    assert upscale.tile_settings(model) == (24, 12)
+    model.meta["tile"] = 40
+    assert upscale.tile_settings(model) == (40, 20) and upscale.tile_settings(model, 16, 4) == (16, 4)
+    model.save(str(tmp_path / "t.pt"), torch.float16)
+    assert YonosSR.load(str(tmp_path / "t.pt")).meta["tile"] == 40
+    shipped = {s: YonosSR.load(os.path.join(HERE, "assets", f"yonos_x{s}.pt")) for s in (2, 4, 8)}
+    assert {s: upscale.tile_settings(m) for s, m in shipped.items()} == {2: (64, 4), 4: (32, 2), 8: (64, 4)}
+
+
 def test_tiles_in_batches_equal_tiles_one_by_one(random_ckpt):
     model = YonosSR.load(random_ckpt)
     g = torch.Generator().manual_seed(0)

@@ -481,9 +481,10 @@ class YonosSR(nn.Module):
             raise ValueError(f"{path}: holds no SR U-Net (a VAE-only file? pass it as --vae)")
         if not isinstance(header.get("meta", {}), dict):
             raise ValueError(f"{path}: its meta is not a JSON object")
-        crop = header.get("meta", {}).get("train_crop")
-        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop <= 0):
-            raise ValueError(f"{path}: meta.train_crop must be a positive whole number, not {crop!r}")
+        for key in ("train_crop", "tile"):   # the two sizes sample.py's tiling reads (upscale.tile_settings)
+            n = header.get("meta", {}).get(key)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+                raise ValueError(f"{path}: meta.{key} must be a positive whole number, not {n!r}")
         if "context" not in tensors:
             raise ValueError(f"{path}: holds no context tensor")
         with torch.device("meta"):  # the weights are assigned from the file: one copy in memory, no random init

@@ -1,5 +1,5 @@
-"""Test helpers and fixtures shared by test_yonos.py, test_scripts.py and test_hostile.py (CPU only, offline, tiny
-configs): small photos and checkpoints, tiny SD repos in diffusers layout, laid out as a Hub cache."""
+"""Test helpers and fixtures shared by the test files (CPU only, offline, tiny configs): small photos and
+checkpoints, tiny SD repos in diffusers layout, laid out as a Hub cache, random LPIPS weights."""
 import json
 import os
 import subprocess
@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig as RefConfig, CLIPTextModel
 
+import metrics
 from model import UNET_PRESETS, UNet, UNetConfig
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from yonos import YonosSR
@@ -116,3 +117,17 @@ AC = torch.cumprod(1.0 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtyp
 def tiny_sr_unet(seed=0) -> UNet:
     torch.manual_seed(seed)
     return UNet(UNET_PRESETS["tiny"])
+
+
+def write_random_lpips(folder) -> metrics.LPIPS:
+    """Random LPIPS weights in the published layout: torchvision's VGG16 file and the lpips package's heads."""
+    torch.manual_seed(0)
+    ref = metrics.LPIPS()
+    vgg = {k: v for k, v in ref.state_dict().items() if k.startswith("features.")}
+    vgg |= {"classifier.0.weight": torch.zeros(2, 2)}  # torchvision's file has the classifier too
+    for lin in ref.lins:
+        torch.nn.init.uniform_(lin.weight, 0, 1)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(vgg, os.path.join(folder, "vgg16-397923af.pth"))
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(ref.lins)}, os.path.join(folder, "vgg.pth"))
+    return ref

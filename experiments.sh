@@ -28,7 +28,7 @@ stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 T="$PY train.py --data photos/train --val-data photos/val --device $DEVICE --quiet --overwrite --lr-schedule cosine"
 
-ship_tile() { case $1 in 2|8) echo 64 ;; *) echo 0 ;; esac; }   # the tile each shipped file records (0: its crop's)
+ship_tile() { case $1 in 2|8) echo 64 ;; *) echo 32 ;; esac; }   # the tile (latent cells) each shipped file records
 if has ship; then   # the shipped chain: small presets, one thread (README "The shipped models" gives the times)
   S="$RUN/ship"
   mkdir -p "$S"
@@ -49,12 +49,11 @@ if has ship; then   # the shipped chain: small presets, one thread (README "The 
   $T $C --stage decoder --unet "$S/x8.pt" $D --steps 300 --out "$S/x8_dec.pt"
   wait
   stamp "ship: decoders"
-  # fp16 storage: half the size, the same output to within the colour fix's rounding. x2 and x8 record a tile of
-  # twice their training crop (64 cells; meta.tile, sample.py's default), chosen on photos/val; x4 keeps its
-  # training crop's 32, which keeps a 512-px photo within a minute on two cores (README, "Tiles and speed on a CPU")
+  # fp16 storage: half the size, the same output to within the colour fix's rounding. Each file records its tile
+  # (meta.tile, sample.py's default): x2 and x8 twice their training crop, chosen on photos/val; x4 its training
+  # crop's 32 cells, which keeps a 512-px photo within a minute on two cores (README, "Tiles and speed on a CPU")
   for s in 2 4 8; do
-    $PY -c "import sys, torch; from yonos import YonosSR; m = YonosSR.load(sys.argv[1]); t = int(sys.argv[3])
-if t: m.meta['tile'] = t
+    $PY -c "import sys, torch; from yonos import YonosSR; m = YonosSR.load(sys.argv[1]); m.meta['tile'] = int(sys.argv[3]); \
 m.save(sys.argv[2], torch.float16)" "$S/x${s}_dec.pt" "assets/yonos_x$s.pt" "$(ship_tile $s)"
   done
 fi
@@ -142,7 +141,7 @@ if has results; then
     $E assets/yonos_x$s.pt --out results/shipped_x$s > results/shipped_x$s.txt
     $E assets/yonos_x$s.pt --no-color-fix --out results/shipped_x${s}_raw > results/shipped_x${s}_raw.txt
     if [ -f "$RUN/ship/x$s.pt" ]; then
-      t=$(ship_tile $s); [ "$t" != 0 ] || t=32   # the same tiles as the shipped file
+      t=$(ship_tile $s)   # the same tiles as the shipped file
       $E "$RUN/ship/x$s.pt" --tile $t --out results/ship_no_decoder_x$s > results/ship_no_decoder_x$s.txt
       $E "$RUN/ship/x$s.pt" --tile $t --no-color-fix --out results/ship_no_decoder_x${s}_raw \
         > results/ship_no_decoder_x${s}_raw.txt
@@ -153,7 +152,7 @@ if has results; then
     $E "$RUN/ship/x4_plain.pt" --no-color-fix --out results/ship_plain_x4_raw > results/ship_plain_x4_raw.txt
   fi
   $E assets/yonos_x[248].pt --figure assets/figure.png
-  # the example of make sample: a held-out photo (photos/test, which no recipe choice looked at), x4 bicubic LR of a crop
+  # the example of make sample: a held-out photo (photos/test, in no training run), x4 bicubic LR of a crop
   $PY -c "from eval import prepare; from PIL import Image; hr, lr = prepare('photos/test/EveningGlow.png', 4); \
 lr.crop((110, 75, 270, 181)).save('assets/example.png')"
   $PY sample.py assets/example.png --out assets/example_x4.png --force

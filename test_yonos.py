@@ -1,12 +1,13 @@
 """
 Tests for yonos, the library: the model stack against diffusers and transformers, loading from a local Hub cache,
-and the method (schedule, conversions, DDIM, losses). The scripts end to end are in test_scripts.py, hostile
-inputs in test_hostile.py. CPU only, offline, tiny configs; slow checks are marked `slow` and run only with
-`pytest -m slow`.
+the method (schedule, conversions, DDIM, losses), and the README's reading guide and the course pack's build, which
+point at it. Training is tested in test_train.py, using a model in test_sample_eval.py, hostile inputs in
+test_hostile.py. CPU only, offline, tiny configs; slow checks are marked `slow` and run only with `pytest -m slow`.
 """
 import copy
 import json
 import os
+import sys
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ from diffusers import AutoencoderKL as RefVAE, DDIMScheduler, UNet2DConditionMod
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as RefConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import (AC, TINY_SD1, TINY_SD2, TINY_VAE, make_hub_cache, make_tiny_sd_repo, tiny_clip_config,
+from conftest import (AC, HERE, TINY_SD1, TINY_SD2, TINY_VAE, make_hub_cache, make_tiny_sd_repo, tiny_clip_config,
                       tiny_sr_unet, write_tokenizer)
 from files import load_checked
 from model import (UNET_PRESETS, CLIPTextConfig, TextEncoder, UNet, UNetConfig, empty_prompt_ids,
@@ -351,3 +352,41 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     with pytest.raises(ValueError, match="not a yonos checkpoint"):
         YonosSR.load(str(tmp_path / "bad.pt"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+# -----------------------------------------------------------------------------
+# the README's reading guide and the course pack's build
+
+
+def test_readme_reading_guide_points_at_the_code():
+    """The README's table paper -> function -> file:line: every row must name the line that defines the function
+    (the failure message gives the right lines, so the table is quick to mend when code moves)."""
+    import re
+    rows = re.findall(r"^\|[^|\n]*\|[^|\n]*\| `(\w+)` \| `(\w+\.py):(\d+)` \|$", open(os.path.join(HERE, "README.md"),
+                                                                                     encoding="utf-8").read(), re.M)
+    assert len(rows) >= 20
+    wrong = []
+    for fn, path, line in rows:
+        lines = open(os.path.join(HERE, path), encoding="utf-8").read().split("\n")
+        actual = [i for i, text in enumerate(lines, 1) if re.match(rf"(def|class) {fn}\b", text)]
+        if actual != [int(line)]:
+            wrong.append(f"{fn}: {path}:{line} should be {path}:{actual}")
+    assert not wrong, "; ".join(wrong)
+
+
+def test_course_build_blanks_regions_keeps_line_numbers_and_refuses_bad_markers():
+    sys.path.insert(0, os.path.join(HERE, "course"))
+    from build import blank_out
+    src = "def f(x):\n    # BEGIN SOLUTION ddim\n    y = x + 1\n    return y\n    # END SOLUTION\n\n\ndef g():\n    return 2\n"
+    out, tasks = blank_out(src, "m.py", {"ddim"})
+    assert tasks == ["ddim"] and len(out.split("\n")) == len(src.split("\n"))
+    assert out.split("\n")[2].strip().startswith('raise NotImplementedError("ddim: your code here')
+    assert out.split("\n")[7:] == src.split("\n")[7:]  # the rest, byte for byte, at the same line numbers
+    assert blank_out(out, "m.py", {"ddim"}) == (out, tasks)  # idempotent
+    for bad, words in [(src.replace("    # END SOLUTION\n", ""), "never ended"),
+                       (src.replace("    # BEGIN SOLUTION ddim\n", ""), "without a BEGIN"),
+                       (src.replace("    y = x + 1\n", "    # BEGIN SOLUTION ddim\n"), "cannot nest"),
+                       (src, "not a task")]:
+        with pytest.raises(ValueError, match=words) as e:
+            blank_out(bad, "m.py", {"ddim"} if words != "not a task" else {"schedule"})
+        assert "\n" not in str(e.value)

@@ -69,7 +69,7 @@ def blend_window(h: int, w: int, ramp: int) -> torch.Tensor:
 
 def tile_settings(model: YonosSR, tile: int | None = None, overlap: int | None = None) -> tuple[int, int]:
     """(tile, overlap) in latent cells, filling in the defaults. The tile: the one the checkpoint records
-    (meta.tile: the shipped x2 and x8 use twice their training crop, chosen on photos/val), else the latent size
+    (meta.tile: the shipped x2 and x8 record twice their training crop, chosen on photos/val), else the latent size
     of the model's training crops (recorded by train.py), else 64 (SD's 512-px crops). The overlap: half the
     tile, but a model that predicts a residual over the LR latent (lr_prior_std > 0, the shipped ones) overlaps
     by 1/16 of the tile: what it adds is small, so neighbouring tiles differ little where they meet, and a thin
@@ -77,8 +77,10 @@ def tile_settings(model: YonosSR, tile: int | None = None, overlap: int | None =
     models"). Attention and group norm look at the whole tile, so the tile size changes the output (README,
     "Tiles and speed on a CPU")."""
     if tile is None:
+        tile = model.meta.get("tile")
+    if tile is None:
         crop = model.meta.get("train_crop")
-        tile = model.meta.get("tile") or (crop // model.vae.config.factor if crop else 64)
+        tile = crop // model.vae.config.factor if crop else 64
     if overlap is None:
         overlap = max(1, tile // 16) if model.unet.config.lr_prior_std else tile // 2
     return tile, overlap

@@ -35,7 +35,8 @@ from files import write_atomic
 from model import UNET_PRESETS, UNet, widen_conv_in
 from upscale import upscale
 from vae import VAE_PRESETS, AutoencoderKL
-from yonos import YonosSR, make_alphas_cumprod, resolve_device, sr_loss
+from runtime import compile_model, resolve_device
+from yonos import YonosSR, make_alphas_cumprod, sr_loss
 
 try:
     from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
@@ -137,7 +138,7 @@ def bench_end_to_end(args, unet: UNet, vae: AutoencoderKL, ctx, device) -> dict:
         print(f"end to end {e * 8}x{e * 8}, {n} step(s): {total * 1e3:.1f} ms; encode + {n} x U-Net + decode = "
               f"{expected * 1e3:.1f} ms (ratio {total / expected:.3f})")
     if args.compile:
-        note = model.compile()
+        note = compile_model(model)
         if note:
             print(note)
         else:

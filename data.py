@@ -21,16 +21,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from files import write_atomic
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MAX_PIXELS = 64_000_000  # larger inputs are refused rather than risking an out-of-memory crash
+# the raster formats we decode, recognised by their content (not their name): nothing else is ever opened, so a file
+# of another kind (EPS, PDF, ...) with an image's name never reaches a decoder that runs an external program
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\0": "TIFF", b"MM\0*": "TIFF", b"BM": "BMP",
+         b"RIFF": "WebP"}
+MAX_PIXELS = 64_000_000  # larger inputs are refused before they are decoded, rather than risking running out of memory
 
 # -----------------------------------------------------------------------------
 # reading and converting images
@@ -45,30 +51,66 @@ def list_images(folder: str) -> list[str]:
 
 
 def open_image(path: str, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Image.Image | None]:
-    """Reads any common image file as (RGB image, alpha channel or None), EXIF orientation applied.
-    Grayscale, palette, CMYK and 16-bit files are converted; a bad file raises ValueError naming it."""
+    """The one way this project reads an image: (8-bit RGB image, alpha channel or None).
+
+    Only the formats in FORMATS are decoded, recognised by content; the size is checked before decoding. EXIF
+    orientation is applied. 16-bit and 32-bit integer images are scaled to 8 bits by their bit depth (not by their
+    brightest pixel), float images read [0, 1] as black..white (values outside are clipped), palettes and CMYK are
+    converted. An RGB image with an ICC profile keeps its numbers and the profile (`rgb.info["icc_profile"]`, which
+    sample.py writes into its output, so it displays as the input does); a CMYK or grey profile is converted to sRGB.
+    Anything else is a ValueError naming the file."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise ValueError(f"{path}: {im.width}x{im.height} is larger than the limit of {max_pixels:,} pixels")
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
+            with Image.open(path, formats=FORMATS) as im:
+                if im.width * im.height > max_pixels:
+                    raise ValueError(f"{path}: {im.width}x{im.height} is larger than the limit of {max_pixels:,} "
+                                     "pixels")
+                bits = (getattr(im, "tag_v2", None) or {}).get(258, (16,))  # TIFF BitsPerSample
+                im.load()
+                im = ImageOps.exif_transpose(im)
     except ValueError:
         raise
-    except Exception as e:  # PIL raises many types for empty, truncated and non-image files
+    except UnidentifiedImageError:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        kind = next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+        if not head:
+            raise ValueError(f"{path}: cannot read: the file is empty") from None
+        if kind:  # one of ours by its first bytes, but not a variant Pillow decodes (e.g. a 3-channel float TIFF)
+            raise ValueError(f"{path}: a {kind} file of a kind that cannot be decoded here") from None
+        raise ValueError(f"{path}: cannot read as a PNG, JPEG, WebP, BMP or TIFF image (by its content); refusing to "
+                         "open it") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"{path}: larger than the limit of {max_pixels:,} pixels") from None
+    except Exception as e:  # PIL raises many types for empty, truncated and damaged files
         raise ValueError(f"{path}: cannot read as an image ({type(e).__name__})") from None
     if im.width < 2 or im.height < 2:
         raise ValueError(f"{path}: {im.width}x{im.height} is too small to super-resolve")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+    icc = im.info.get("icc_profile")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # one channel, more than 8 bits: scale by the format's range
         a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(a / (256.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: holds NaN or infinite values")
+        top = 1.0 if im.mode == "F" else 2.0 ** (16 if im.mode.startswith("I;16") else int(bits[0])) - 1
+        im = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8))
     alpha = None
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         alpha = im.getchannel("A")
-    return im.convert("RGB"), alpha
+    if icc and im.mode in ("CMYK", "L", "LA"):  # a non-RGB profile: convert through it to sRGB (needs littlecms)
+        try:
+            im = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"),
+                                           outputMode="RGB")
+        except Exception:  # a damaged profile, or no littlecms: the plain conversion, as without a profile
+            pass
+        icc = None
+    rgb = im.convert("RGB")
+    if icc:
+        rgb.info["icc_profile"] = icc
+    return rgb, alpha
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -129,34 +171,102 @@ def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def realesrgan_lr(x_h: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
-    """A Real-ESRGAN-style second-order degradation (Wang et al. 2021, sec. 3): twice blur -> random resize
-    -> Gaussian noise -> JPEG, then a final bicubic resize to H/s. Ranges follow the paper's first order,
-    narrowed for the second, in the spirit of its config (the exact numbers are ours)."""
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()
+def uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+def add_noise(x: torch.Tensor, sigma: float, g: torch.Generator, grey: bool = False) -> torch.Tensor:
+    """Gaussian noise of std `sigma` in 8-bit units; grey: the same on every channel (luminance noise)."""
+    shape = (x.shape[0], 1, *x.shape[2:]) if grey else x.shape
+    return x + torch.randn(shape, generator=g).to(x) * sigma / 127.5
+
+
+def working_scale(scale: float, g: torch.Generator) -> float:
+    """Where a degradation's noise and compression happen, as a downscale factor s_i in [s/2, s]: at the final LR
+    size itself half the time (a small JPEG, as the web has them), else log-uniformly up to twice that size, so a
+    scale-distillation teacher at s/2 sees the same draw, at least as sharp as the student's."""
+    return scale if torch.rand((), generator=g) < 0.5 else scale / 2 ** uniform(g, 0, 1)
+
+
+def realesrgan_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch.Tensor:
+    """A Real-ESRGAN-style second-order degradation (Wang et al. 2021, sec. 3): twice blur -> random resize ->
+    Gaussian noise -> JPEG, the first order relative to the HR size, the second to the working size H/s_i. Ranges
+    follow the paper's first order, narrowed for the second, in the spirit of its config (the exact numbers are
+    ours)."""
     H, W = x_h.shape[-2:]
     x = x_h
-    # (max blur sigma, resize range relative to the HR size for the first order and to the LR size for the
-    #  second, max noise level in 8-bit units); JPEG quality in [30, 95] both times
-    for blur, (lo, hi), noise, base in [(3.0, (0.15, 1.5), 30, H), (1.5, (0.3, 1.2), 25, H / scale)]:
-        x = gaussian_blur(x, u(0.2, blur))
-        h = max(4, round(base * u(lo, hi)))
+    # (max blur sigma, resize range relative to the base size, max noise level in 8-bit units); JPEG in [30, 95]
+    for blur, (lo, hi), noise, base in [(3.0, (0.15, 1.5), 30, H), (1.5, (0.3, 1.2), 25, H / s_i)]:
+        x = gaussian_blur(x, uniform(g, 0.2, blur))
+        h = max(4, round(base * uniform(g, lo, hi)))
         x = resize(x, (h, max(4, round(h * W / H))))
-        x = x + torch.randn(x.shape, generator=g).to(x) * u(1, noise) / 127.5
-        x = jpeg(x.clamp(-1, 1), int(u(30, 95)))
-    return resize(x, (round(H / scale), round(W / scale))).clamp(-1, 1)
+        x = add_noise(x, uniform(g, 1, noise), g)
+        x = jpeg(x.clamp(-1, 1), int(uniform(g, 30, 95)))
+    return x
+
+
+def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch.Tensor:
+    """The degradation of photos as people have them (ours): a camera's or a phone's mild blur, a downscale,
+    sensor noise, then JPEG; each part drawn on its own, so clean, noisy, compressed and both all occur. One order,
+    not Real-ESRGAN's two: a photo from a phone or the web has been through one camera and usually one or two JPEG
+    encodings, and the harshest second-order settings teach a small model to smear detail that clean inputs have.
+        blur      p = 0.5, Gaussian sigma ~ U[0.3, 1.5] HR pixels (optics, slight defocus)
+        resize    to H/s_i: bicubic (p = 0.6), bilinear (0.2) or area (0.2), antialiased
+        noise     p = 0.6, sigma ~ U[1, 6] in 8-bit units, grey (the same on all channels) with p = 0.4
+        JPEG      p = 0.8, quality ~ U{30, ..., 95}"""
+    H, W = x_h.shape[-2:]
+    x = gaussian_blur(x_h, uniform(g, 0.3, 1.5)) if torch.rand((), generator=g) < 0.5 else x_h
+    size, k = (max(4, round(H / s_i)), max(4, round(W / s_i))), torch.rand((), generator=g).item()
+    x = resize(x, size) if k < 0.6 else F.interpolate(x, size=size, mode="bilinear" if k < 0.8 else "area",
+                                                      **({"antialias": True} if k < 0.8 else {}))
+    x = quantize(x)
+    if torch.rand((), generator=g) < 0.6:
+        x = add_noise(x, uniform(g, 1, 6), g, grey=torch.rand((), generator=g).item() < 0.4)
+    if torch.rand((), generator=g) < 0.8:
+        x = jpeg(x.clamp(-1, 1), int(torch.randint(30, 96, (), generator=g)))
+    return x
+
+
+CHAINS = {"realesrgan": realesrgan_chain, "photo": photo_chain}
+DEGRADATIONS = ("bicubic", *CHAINS)
+
+
+def degrade_lr(x_h: torch.Tensor, scales: list[float], kind: str = "bicubic",
+               g: torch.Generator | None = None) -> list[torch.Tensor]:
+    """HR (B, C, H, W) -> its LR images at 1/s for each s in `scales`, rounded to 8 bits, from ONE draw of the
+    degradation: they differ only in the final resize. So the LR at s is (up to resampling and rounding) a function of
+    the LR at s/2, the nesting that scale distillation's argument needs (README, "Why scale distillation can help").
+    Bicubic is nested by itself; the random chains run once, at a working scale between the largest s and half of
+    it (`working_scale`), and each LR is resized from that."""
+    H, W = x_h.shape[-2:]
+    if kind == "bicubic":
+        return [quantize(bicubic_lr(x_h, s)) for s in scales]
+    if kind not in CHAINS:
+        raise ValueError(f"unknown degradation {kind!r} ({', '.join(DEGRADATIONS)})")
+    g = g if g is not None else torch.Generator().manual_seed(0)
+    x = CHAINS[kind](x_h, working_scale(max(scales), g), g).clamp(-1, 1)
+    sizes = [(round(H / s), round(W / s)) for s in scales]
+    return [quantize(x if tuple(x.shape[-2:]) == size else resize(x, size).clamp(-1, 1)) for size in sizes]
 
 
 def degrade(x_h: torch.Tensor, scale: float, kind: str = "bicubic", g: torch.Generator | None = None) -> torch.Tensor:
     """HR (B, C, H, W) -> the LR image at 1/scale, rounded to 8 bits and bicubic-upsampled back to H x W
     (the model's input)."""
-    if kind == "bicubic":
-        lr = bicubic_lr(x_h, scale)
-    elif kind == "realesrgan":
-        lr = realesrgan_lr(x_h, scale, g if g is not None else torch.Generator().manual_seed(0))
-    else:
-        raise ValueError(f"unknown degradation {kind!r} (bicubic or realesrgan)")
-    return upsample(quantize(lr), tuple(x_h.shape[-2:]))
+    return upsample(degrade_lr(x_h, [scale], kind, g)[0], tuple(x_h.shape[-2:]))
+
+
+def web_lr(lr: Image.Image, quality: int = 0, noise: float = 0.0, seed: int = 0) -> Image.Image:
+    """The held-out protocol for LR images as people have them (eval.py --lr-jpeg/--lr-noise): Gaussian noise of
+    std `noise` (8-bit units, on every channel, drawn from `seed`), rounded to 8 bits, then a JPEG round trip at
+    `quality` (0: none), through Pillow with its default 4:2:0 chroma subsampling, as a camera or a web page saves."""
+    if noise:
+        x = to_tensor(lr)[None]
+        lr = to_image(quantize(add_noise(x, noise, torch.Generator().manual_seed(seed)).clamp(-1, 1))[0])
+    if quality:
+        buf = io.BytesIO()
+        lr.save(buf, format="JPEG", quality=quality)
+        lr = Image.open(buf).convert("RGB")
+    return lr
 
 
 # -----------------------------------------------------------------------------
@@ -223,10 +333,9 @@ class SRPairs(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         x = self.hr_crop(g)[None]
-        out = {"hr": x[0], "lr": degrade(x, self.scale, self.degradation, g)[0]}
-        if self.teacher_scale:
-            out["lr_teacher"] = degrade(x, self.teacher_scale, self.degradation, g)[0]
-        return out
+        scales = [self.scale] + ([self.teacher_scale] if self.teacher_scale else [])
+        lrs = [upsample(lr, tuple(x.shape[-2:]))[0] for lr in degrade_lr(x, scales, self.degradation, g)]
+        return {"hr": x[0], "lr": lrs[0]} | ({"lr_teacher": lrs[1]} if self.teacher_scale else {})
 
 
 def center_crops(folder: str, crop: int, limit: int | None = None, say=print) -> torch.Tensor:

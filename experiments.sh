@@ -13,13 +13,17 @@
 #   distill  the other distillations on each seed's tiny x4: progressive from the plain model; a conditional model
 #            (--cond-drop) distilled by guided distillation, then progressively
 #   d3sr     the tiny x4 distilled again with D3SR's diffusion discriminator (D3SR_SEEDS, default 0)
+#   fair     the fair test of scale distillation (README "Scale distillation, measured fairly"): from the shipped x2
+#            (a strong teacher), x4 by (a) scale distillation, (b) the plain objective from the same x2 weights, (c) the
+#            plain objective from scratch; FAIR_STEPS (default 1,200) student steps each, per training seed, with
+#            validation PSNR every 100 steps; then scored on the held-out photos at DDIM 1-64 (results/distill_fair.*)
 #   results  every evaluation on the held-out photos (photos/test) into results/, the figure, the example image
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 RUN=${1:-runs}
 DEVICE=${DEVICE:-auto}
-PARTS=${PARTS:-ship chain study distill d3sr results}
+PARTS=${PARTS:-ship chain study distill d3sr fair results}
 SEEDS=${SEEDS:-0 1 2}
 [ -d photos/train ] || $PY data.py --export-photos photos
 mkdir -p "$RUN" results
@@ -83,6 +87,24 @@ fi
 # the training runs below go two at a time, one thread each (slot waits for a free one; a failure stops the script)
 slot() { while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done; }
 drain() { while [ -n "$(jobs -rp)" ]; do wait -n; done; }
+
+if has fair; then   # the same student steps for each arm; the teacher exists already (the paper's setting)
+  F="$RUN/fair"
+  mkdir -p "$F"
+  N=${FAIR_STEPS:-1200}
+  # every arm decodes through one VAE: the shipped x2's (arms a and b inherit it with the x2's weights)
+  $PY -c "import sys; from yonos import YonosSR; YonosSR.load(sys.argv[1]).vae.save(sys.argv[2])" \
+    assets/yonos_x2.pt "$F/vae_x2.pt"
+  Tf="$T --config small --crop 64 --batch-size 8 --threads 1 --val-every 100 --save-every 100 --log-every 20 --steps $N"
+  for seed in $SEEDS; do
+    mkdir -p "$F/s$seed"
+    slot; $Tf --seed "$seed" --scale 4 --teacher assets/yonos_x2.pt --out "$F/s$seed/x4_distilled.pt" &
+    slot; $Tf --seed "$seed" --scale 4 --init assets/yonos_x2.pt --out "$F/s$seed/x4_plain_from_x2.pt" &
+    slot; $Tf --seed "$seed" --scale 4 --vae "$F/vae_x2.pt" --out "$F/s$seed/x4_plain_scratch.pt" &
+  done
+  drain
+  stamp "fair: x4 (a) distilled, (b) plain from x2, (c) plain from scratch, seeds $SEEDS"
+fi
 
 if has study; then
   for seed in $SEEDS; do   # the 15-minute recipe of README "Your first hour", once per training seed
@@ -155,7 +177,7 @@ if has results; then
   # the example of make sample: a held-out photo (photos/test, in no training run), x4 bicubic LR of a crop
   $PY -c "from eval import prepare; from PIL import Image; hr, lr = prepare('photos/test/EveningGlow.png', 4); \
 lr.crop((110, 75, 270, 181)).save('assets/example.png')"
-  $PY sample.py assets/example.png --out assets/example_x4.png --force
+  $PY sample.py assets/example.png --out assets/example_x4.png --force --dtype fp32   # the golden output: fp32
   stamp "results: shipped models"
   if [ -f "$RUN/small_s0/x8_plain.pt" ]; then   # the study on the shipped recipe: raw output, DDIM 1..64, on 64-px
     # centre crops (the training crop, one tile: 64 steps x 14 photos x 12 models on two cores)

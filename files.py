@@ -5,9 +5,14 @@ and writing anything to disk atomically.
 Nothing here knows about networks or the method: model.py, vae.py, yonos.py, metrics.py and the scripts build
 on it. Rules kept here once for the whole project:
   - weights are read from .safetensors only, so loading never unpickles code (resume states and third-party
-    metric weights that exist only as .pth are read with torch.load(weights_only=True));
+    metric weights that exist only as .pth are read with torch.load(weights_only=True)); every field of our
+    checkpoints' JSON header is checked by type and range before anything is built from it;
   - every file is written to a unique temp file in the target's folder, flushed to disk (fsync) and renamed
-    into place, so a crash, a kill or a full disk never leaves half a file where a good one was.
+    into place, so a crash, a kill or a full disk never leaves half a file where a good one was;
+  - no output of a run is, or resolves through a link to, a file the run reads or another of its outputs
+    (`check_outputs`, called by every script before any work);
+  - one writer at a time: `Lock` holds an OS lock that dies with its process, so a killed run never blocks the
+    next one.
 """
 import dataclasses
 import errno
@@ -16,10 +21,19 @@ import io
 import json
 import os
 import pickle
+import math
+import struct
 import tempfile
 import typing
+import zlib
 import warnings
 
+try:
+    import fcntl  # POSIX: locks that the OS releases when their process dies
+except ImportError:  # Windows: an exclusive create, without stale-lock detection
+    fcntl = None
+
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -94,6 +108,36 @@ def write_atomic(path: str, data) -> None:
         pass  # some file systems cannot fsync a folder
 
 
+def write_png(f, width: int, height: int, rows, icc: bytes | None = None) -> None:
+    """Writes a PNG to binary file `f` from `rows`, an iterable of uint8 arrays (n, width, 3 or 4) top to bottom,
+    as they come: memory holds one band, whatever the image size. Each row gets PNG's Paeth filter (the best of the
+    five on photographs, measured here within 2% of Pillow's per-row choice), then zlib at level 6, as Pillow."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z, prev, written, channels = zlib.compressobj(6), None, 0, None
+    for band in rows:
+        if channels is None:
+            channels = band.shape[2]
+            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8,
+                                                                        {3: 2, 4: 6}[channels], 0, 0, 0)))
+            if icc:
+                f.write(chunk(b"iCCP", b"icc\0\0" + zlib.compress(icc)))
+        for row in band.reshape(band.shape[0], -1).astype(np.int16):
+            up = prev if prev is not None else np.zeros_like(row)
+            left = np.concatenate([np.zeros(channels, np.int16), row[:-channels]])
+            up_left = np.concatenate([np.zeros(channels, np.int16), up[:-channels]])
+            p = left + up - up_left  # Paeth's predictor: whichever of left, up, up-left is nearest to p
+            pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - up_left)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+            data = z.compress(b"\x04" + ((row - pred) % 256).astype(np.uint8).tobytes())
+            if data:
+                f.write(chunk(b"IDAT", data))
+            prev, written = row, written + 1
+    if written != height:
+        raise ValueError(f"write_png: got {written} rows for a {height}-row image")
+    f.write(chunk(b"IDAT", z.flush()) + chunk(b"IEND", b""))
+
+
 def remove_stale_temps(path: str) -> list[str]:
     """Removes temp files that a killed writer of `path` left behind (.<name>.*.tmp); returns their paths."""
     stale = glob.glob(glob.escape(temp_prefix(path)) + "*.tmp")
@@ -103,6 +147,91 @@ def remove_stale_temps(path: str) -> list[str]:
         except OSError:
             pass
     return stale
+
+
+def json_text(obj) -> str:
+    """JSON that any reader accepts: NaN and infinities (a perfect PSNR is inf) become null, never the
+    non-standard `Infinity`."""
+    def clean(x):
+        if isinstance(x, np.generic):  # numpy numbers: the Python ones
+            x = x.item()
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=1, allow_nan=False)
+
+
+# -----------------------------------------------------------------------------
+# what a run writes never lands on what it reads
+
+
+def check_outputs(outputs: list[str], reads: list[str] = ()) -> None:
+    """The path-safety rule every script applies before its work: no output may be a symbolic link (an atomic
+    write would silently replace the link, or a writer could follow it onto another file), resolve to the same file
+    as another output of the run, or be an existing file that the run reads (an input image, a checkpoint being
+    loaded, a teacher), whatever names or links lead to them. Raises ValueError naming both."""
+    identity = lambda p: (os.stat(p).st_dev, os.stat(p).st_ino)
+    read = {identity(r): r for r in reads if r and os.path.isfile(r)}
+    seen = {}
+    for out in outputs:
+        if os.path.islink(out):
+            raise ValueError(f"{out}: is a symbolic link (to {os.readlink(out)}); refusing to write over it")
+        real = os.path.realpath(out)
+        if real in seen:
+            raise ValueError(f"{seen[real]} and {out} are the same file; one run cannot write both")
+        seen[real] = out
+        if os.path.isdir(out):
+            raise ValueError(f"{out}: is a folder, not a file")
+        if os.path.isfile(out) and identity(out) in read:
+            raise ValueError(f"{out}: is an input of this run ({read[identity(out)]}); refusing to overwrite it")
+
+
+class Lock:
+    """An exclusive lock on `path` (created beside the file it guards) while a run writes. flock: the OS drops it
+    when the process dies, so a lock file left by a killed run, or by a run in another container whose pid a new
+    run happens to get, never blocks anyone. ValueError if another process holds it."""
+
+    def __init__(self, path: str, holder: str = "another process"):
+        self.path, self.fd = path, None
+        while self.fd is None:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY | (0 if fcntl else os.O_EXCL), 0o644)
+            except FileExistsError:
+                raise ValueError(f"{holder} is writing beside {path}; wait for it (or remove {path})") from None
+            except IsADirectoryError:
+                raise ValueError(f"{path}: is a folder; remove it (it is where the run's lock goes)") from None
+            except OSError as e:
+                raise ValueError(f"cannot write {path}: {e.strerror}") from None
+            if fcntl:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    raise ValueError(f"{holder} is writing beside {path}; wait for it or choose another output") \
+                        from None
+                try:  # the holder we waited on may have removed the file just before we locked it: lock the new one
+                    if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                        os.close(fd)
+                        continue
+                except FileNotFoundError:
+                    os.close(fd)
+                    continue
+            os.truncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
 
 
 # -----------------------------------------------------------------------------
@@ -140,12 +269,57 @@ def config_from_dict(cls, d, name: str = "config"):
         raise ValueError(f"{name}: {e}") from None
 
 
-def check_positive_ints(name: str, **values) -> None:
-    """For configs' __post_init__: every value (or every item of a tuple value) a positive int below 2^16."""
+def check_positive_ints(name: str, top: int = 65536, **values) -> None:
+    """For configs' __post_init__: every value (or every item of a tuple value) a whole number in 1..top."""
     for key, v in values.items():
         for item in (v if isinstance(v, tuple) else (v,)):
-            if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= 65536:
-                raise ValueError(f"{name}.{key} must hold whole numbers in 1..65536, not {v!r}")
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= top:
+                raise ValueError(f"{name}.{key} must hold whole numbers in 1..{top}, not {v!r}")
+
+
+# the "meta" fields of a model file: (type, smallest, largest). Unknown fields are kept but never read.
+META_FIELDS = {"stage": (str,), "init": (str,), "teacher": (str,), "degradation": (str,), "step": (int, 0, 10 ** 12),
+               "train_crop": (int, 1, 65536), "tile": (int, 1, 65536), "teacher_scale": (int, 1, 64),
+               "init_scale": (int, 1, 64), "sampling_steps": (int, 1, 1000), "teacher_steps": (int, 2, 1000),
+               "w_max": (float, 0.0, 1e3), "cond_drop": (float, 0.0, 1.0), "ema": (float, 0.0, 1.0),
+               "lora_rank": (int, 0, 65536)}
+
+
+def check_model_header(header: dict, tensors: dict, path: str) -> None:
+    """A YonosSR file's header and special tensors, before anything is built from them (ValueError naming the
+    field): the U-Net and VAE configs (checked field by field when built), the scale, every known meta field, the
+    context and the schedule."""
+    if "unet" not in header:
+        raise ValueError(f"{path}: holds no SR U-Net (a VAE-only file? pass it as --vae)")
+    if "vae" not in header:
+        raise ValueError(f"{path}: holds no VAE config")
+    scale = header.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 2 <= scale <= 64:
+        raise ValueError(f"{path}: scale must be a whole number in 2..64, not {scale!r}")
+    check_meta(header.get("meta", {}), path)
+    if "context" not in tensors:
+        raise ValueError(f"{path}: holds no context tensor")
+    ac = tensors.get("alphas_cumprod")
+    if ac is not None and (ac.dtype != torch.float64 or ac.shape != (1000,)):
+        raise ValueError(f"{path}: alphas_cumprod must be 1000 float64 values, not {tuple(ac.shape)} {ac.dtype}")
+
+
+def check_meta(meta, name: str) -> dict:
+    """A model file's meta object, every known field of the right type and range (ValueError naming it)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name}: its meta is not a JSON object")
+    for key, (kind, *bounds) in META_FIELDS.items():
+        if key not in meta:
+            continue
+        v = meta[key]
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if kind is float else \
+            (type(v) is kind)
+        if ok and bounds:
+            ok = bounds[0] <= v <= bounds[1]
+        if not ok:
+            what = f"a {kind.__name__}" + (f" in {bounds[0]}..{bounds[1]}" if bounds else "")
+            raise ValueError(f"{name}: meta.{key} must be {what}, not {v!r}")
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +385,41 @@ def load_tensors_only(path: str, device="cpu", what: str = "a weights file") -> 
 # weights from the Hub or a folder
 
 
+def looks_local(spec: str) -> bool:
+    """Whether `spec` names a local path rather than a Hub repo id (org/name): it exists, starts like a path, has
+    more or fewer than one slash, or its first part is a folder here (runs/sd21 when runs/ exists: a mistyped
+    folder, not a download)."""
+    return (os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+            or os.path.isdir(spec.split("/")[0]))
+
+
+def hub_snapshot(repo: str, patterns: list[str], revision: str | None = None, cache_dir: str | None = None,
+                 local_files_only: bool | None = None) -> str:
+    """The local folder of `patterns` of Hub repo `repo` (huggingface_hub: its cache, HF_HUB_OFFLINE, HF_TOKEN and
+    HF_ENDPOINT apply). A Hub that does not answer within HF_HUB_ETAG_TIMEOUT seconds (default 10) falls back to the
+    cache, else is a one-line FileNotFoundError: huggingface_hub itself would wait for ever."""
+    if looks_local(repo):
+        first = repo.split("/")[0]
+        why = f" ({first}/ is a folder here, so this is read as a path)" if os.path.isdir(first) else ""
+        raise FileNotFoundError(f"{repo}: no such folder{why}; a Hub repo id has the form org/name")
+    from huggingface_hub import HfApi, constants, snapshot_download  # here: it reads HF_HUB_* when imported
+    offline, why = bool(local_files_only or constants.HF_HUB_OFFLINE), None
+    if not offline:
+        try:
+            HfApi().repo_info(repo, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except Exception as e:
+            if "timeout" not in f"{type(e).__name__} {e}".lower():
+                raise FileNotFoundError(f"{repo}: cannot get it from the Hub ({type(e).__name__}: "
+                                        f"{(str(e).splitlines() or ['no answer'])[0]})") from None
+            offline, why = True, f"the Hub did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s"
+    try:  # no answer in time: the cache, if it holds the files
+        return snapshot_download(repo, local_files_only=offline, cache_dir=cache_dir, revision=revision,
+                                 allow_patterns=patterns)
+    except Exception as e:  # repo missing, gated, offline and not cached, ...
+        why = why or f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise FileNotFoundError(f"{repo}: cannot get it from the Hub or its cache ({why})") from None
+
+
 def fetch_pretrained(repo_or_path: str, subfolder: str, weights: str, revision: str | None = None,
                      variant: str | None = None, extra: tuple = (), cache_dir: str | None = None,
                      local_files_only: bool | None = None) -> tuple[dict, dict]:
@@ -220,19 +429,9 @@ def fetch_pretrained(repo_or_path: str, subfolder: str, weights: str, revision: 
     files needed are fetched. Weights are read only from .safetensors (never unpickled); `variant="fp16"`
     reads `<weights>.fp16.safetensors`. The config dict gets `_folder`, where the files are."""
     fname = f"{weights}.{variant}.safetensors" if variant else f"{weights}.safetensors"
-    if os.path.isdir(repo_or_path):
-        root = repo_or_path
-    elif os.path.exists(repo_or_path) or repo_or_path.count("/") != 1:
-        raise FileNotFoundError(f"{repo_or_path}: neither a folder nor a Hub repo id of the form org/name")
-    else:
-        from huggingface_hub import snapshot_download  # here, not at the top: it reads HF_HUB_* when imported
-        kwargs = dict(cache_dir=cache_dir, local_files_only=local_files_only or False, revision=revision)
-        try:
-            root = snapshot_download(repo_or_path, allow_patterns=[f"{subfolder}/config.json", f"{subfolder}/{fname}",
-                                                                   *extra], **kwargs)
-        except Exception as e:  # repo missing, gated, offline and not cached, ...
-            raise FileNotFoundError(f"{repo_or_path}: cannot get it from the Hub or its cache "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    root = repo_or_path if os.path.isdir(repo_or_path) else hub_snapshot(
+        repo_or_path, [f"{subfolder}/config.json", f"{subfolder}/{fname}", *extra], revision, cache_dir,
+        local_files_only)
     folder = os.path.join(root, subfolder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{repo_or_path}: has no subfolder '{subfolder}'")
@@ -254,21 +453,36 @@ def fetch_pretrained(repo_or_path: str, subfolder: str, weights: str, revision: 
     return config, state
 
 
+def fetch_json(repo_or_path: str, filename: str) -> dict | None:
+    """A JSON file of a local folder or Hub repo (e.g. scheduler/scheduler_config.json), or None if it has none."""
+    root = repo_or_path if os.path.isdir(repo_or_path) else hub_snapshot(repo_or_path, [filename])
+    path = os.path.join(root, filename)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise ValueError(f"{repo_or_path}/{filename}: unreadable JSON") from None
+
+
 def fetch_weights(spec: str, filename: str) -> str:
     """Local path of `filename` given a file, a folder holding it, or a Hub repo id (org/name) holding it
     (through huggingface_hub: its cache and HF_HUB_OFFLINE apply). Used for the metric networks' weights."""
     if os.path.isfile(spec):
         return spec
-    if os.path.isdir(spec) or os.path.exists(spec) or spec.count("/") != 1:
+    if os.path.isdir(spec) or looks_local(spec):
         path = os.path.join(spec, filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights not found: {path}")
         return path
-    from huggingface_hub import hf_hub_download  # here, not at the top: it reads HF_HUB_* when imported
     try:
-        return hf_hub_download(spec, filename)
-    except Exception as e:  # missing repo or file, offline and not cached, ...
-        raise FileNotFoundError(f"weights not found: {filename} in {spec} ({type(e).__name__})") from None
+        path = os.path.join(hub_snapshot(spec, [filename]), filename)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"weights not found: {filename} in {spec} ({str(e).split(': ', 1)[-1]})") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights not found: {filename} in {spec}")
+    return path
 
 
 def build_pretrained(cls, config_cls, repo_or_path: str, subfolder: str, revision: str | None = None,
@@ -295,8 +509,11 @@ def load_checked(model: nn.Module, state: dict, name: str, renames: dict | None 
     unexpected = [k for k in state if k not in ours]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in ours.items()
              if k in state and state[k].shape != v.shape]
+    types = [f"{k} is {str(state[k].dtype).removeprefix('torch.')}" for k, v in ours.items()
+             if k in state and v.is_floating_point() and not state[k].is_floating_point()]
     problems = [(what, keys) for what, keys in
-                [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)] if keys]
+                [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong),
+                 ("integer or bool tensors where floats belong", types)] if keys]
     if problems:
         msg = "; ".join(f"{len(keys)} {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                         for what, keys in problems)

@@ -75,6 +75,22 @@ def gradient_energy(img: np.ndarray) -> float:
 # LPIPS (VGG16)
 
 
+def blockiness(img: np.ndarray, period: int) -> float:
+    """How much of a grid of `period` pixels an image shows (JPEG's 8x8 blocks, at 8 x scale pixels once
+    upscaled): the amplitude of the period-`period` component of the column profile of |dY/dx| (and of the row
+    profile of |dY/dy|), over the mean |dY|. A grid is aligned across the whole image, so averaging the rows keeps
+    it while the image's own edges, in no fixed phase, average out; 0 for an image without one."""
+    y = rgb_to_y(img)
+    amps, mean = [], 0.0
+    for d in (np.abs(np.diff(y, axis=1)).mean(axis=0), np.abs(np.diff(y, axis=0)).mean(axis=1)):
+        n = len(d) // period * period
+        d = d[:n]
+        k = n // period
+        amps.append(2 * abs(np.fft.rfft(d - d.mean())[k]) / n if k < len(d) // 2 + 1 and n >= 2 * period else 0.0)
+        mean += d.mean() / 2
+    return float(max(amps) / max(mean, 1e-9))
+
+
 def vgg16_features() -> nn.ModuleList:
     """torchvision's vgg16().features up to relu5_3, module for module, so its weights load by index
     (`features.0.weight`, ...): 13 3x3 convolutions with ReLUs, max-pooling between the five stages."""

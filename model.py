@@ -41,6 +41,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     guidance_embedding: bool = False  # ours (guided distillation): the guidance weight w as an input, like t
     lr_prior_std: float = 0.0  # ours: > 0 reads the output as a residual over the LR latent (yonos.lr_preconditioning)
+    prediction_type: str = "v"  # what the output means: "v", or "epsilon" (SD 1.5, SD 2.1-base; yonos.predict_v)
 
     def __post_init__(self):
         """Checks what the constructor relies on, so a bad config is one clear error, not a crash inside it."""
@@ -60,6 +61,10 @@ class UNetConfig:
             raise ValueError(f"UNetConfig: norm_eps must be positive, not {self.norm_eps}")
         if not 0 <= self.lr_prior_std < 1e3:
             raise ValueError(f"UNetConfig: lr_prior_std must be 0 (off) or a positive std, not {self.lr_prior_std}")
+        if self.prediction_type not in ("v", "epsilon"):
+            raise ValueError(f"UNetConfig: prediction_type must be v or epsilon, not {self.prediction_type!r}")
+        if n > 8 or self.layers_per_block > 16 or max(self.block_out_channels) > 8192:
+            raise ValueError("UNetConfig: at most 8 levels, 16 layers per block and 8192 channels (SD has 4, 2, 1280)")
 
     def to_diffusers(self) -> dict:
         """The keyword arguments of diffusers' UNet2DConditionModel for the same network (tests, bench.py)."""
@@ -420,6 +425,68 @@ def widen_conv_in(unet: UNet, in_channels: int = 8) -> UNet:
     unet.config.in_channels = in_channels
     return unet
     # END SOLUTION
+
+
+# -----------------------------------------------------------------------------
+# LoRA: low-rank adapters on a frozen U-Net (Hu et al. 2021, arXiv 2106.09685)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) B A x with W, b frozen and only A (r x in) and B (out x r) trained. B starts at
+    zero, so a fresh adapter computes exactly the base layer; alpha / r keeps the update's scale the same whatever
+    the rank (the paper's sec. 4.1). `base` keeps the original's weight and bias, so merging is W + (alpha/r) B A."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base.requires_grad_(False), alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False).to(base.weight.device, base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False).to(base.weight.device, base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear's own init
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight).to(self.base.weight.dtype)
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection of the U-Net's transformer blocks
+
+
+def add_lora(unet: UNet, rank: int, alpha: float | None = None, targets: tuple = LORA_TARGETS) -> list[nn.Parameter]:
+    """Wraps every Linear of the U-Net whose name ends in one of `targets` in a LoRALinear of rank `rank` (alpha
+    defaults to the rank, scale 1), freezes the rest of the U-Net but its conv_in (widened for z_l, so it has new
+    weights to learn in full), and returns the parameters to train: the adapters' A and B, and conv_in's."""
+    unet.requires_grad_(False)
+    wrapped = 0
+    for name, module in list(unet.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and full.endswith(targets):
+                setattr(module, child_name, LoRALinear(child, rank, float(alpha or rank)))
+                wrapped += 1
+            elif isinstance(child, nn.ModuleList) and any(f"{full}.{i}".endswith(targets) for i in range(len(child))):
+                for i, item in enumerate(child):
+                    if isinstance(item, nn.Linear) and f"{full}.{i}".endswith(targets):
+                        child[i] = LoRALinear(item, rank, float(alpha or rank))
+                        wrapped += 1
+    if not wrapped:
+        raise ValueError(f"add_lora: no Linear layer of this U-Net ends in {targets}")
+    unet.conv_in.requires_grad_(True)
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def merged_state_dict(unet: nn.Module) -> dict:
+    """The U-Net's weights under their usual names (diffusers'), every LoRA adapter merged into its base layer, so a
+    model file written with it is the file format without LoRA: sample.py and the tests never know. Tensor by tensor,
+    each moved to the CPU at once, so merging never needs a second copy of the U-Net on the GPU."""
+    out = {key.replace(".base.", "."): v.detach().cpu() for key, v in unet.state_dict().items()
+           if ".lora_A." not in key and ".lora_B." not in key}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoRALinear):
+            out[f"{name}.weight"] = module.merged_weight().detach().cpu()
+    return out
 
 
 def add_guidance_embedding(unet: UNet) -> UNet:

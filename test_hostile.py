@@ -433,3 +433,353 @@ def test_eval_fails_fast_before_any_work(case, tmp_path, random_ckpt, forged, ca
     _, err = capsys.readouterr()
     assert code == 2 and one_line(err) and time.time() - t0 < 20
     assert not os.path.exists(tmp_path / "res.json")
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: one path rule for every writer (files.check_outputs), and no save of broken weights
+
+
+def test_train_never_writes_over_a_file_it_reads(tmp_path, vae_file, random_ckpt):
+    """--out may not be the teacher, the model being fine-tuned, the VAE or a training photo, even with --overwrite
+    or through a symbolic link; each is one line before any work, and the file is intact."""
+    write_photos(tmp_path / "photos", n=2, size=40)
+    teacher = tmp_path / "x4.pt"
+    teacher.write_bytes(open(random_ckpt, "rb").read())
+    os.symlink(teacher, tmp_path / "link.pt")
+    photo_file = tmp_path / "photos" / "img0.png"
+    before = {p: p.read_bytes() for p in (teacher, photo_file)}
+    base = [os.path.join(HERE, "train.py"), "--config", "tiny", "--data", str(tmp_path / "photos"), "--crop", "32",
+            "--steps", "1", "--quiet", "--overwrite"]
+    for extra, words in [(["--teacher", str(teacher), "--scale", "8", "--out", str(teacher)], "is an input"),
+                         (["--stage", "decoder", "--unet", str(teacher), "--out", str(teacher)], "is an input"),
+                         (["--teacher", str(teacher), "--scale", "8", "--out", str(tmp_path / "link.pt")], "symbolic link"),
+                         (["--vae", vae_file, "--out", vae_file], "is an input"),
+                         (["--vae", vae_file, "--out", str(photo_file)], "is an input")]:
+        r = run_script([*base, *extra])
+        assert r.returncode == 2 and words in one_line(r.stderr), (extra, r.stderr)
+    assert {p: p.read_bytes() for p in before} == before and not temps(tmp_path)
+
+
+def test_eval_never_writes_over_an_input_or_into_the_photos_it_scores(tmp_path, random_ckpt):
+    write_photos(tmp_path / "hr", n=2, size=40)
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(open(random_ckpt, "rb").read())
+    before = {p: p.read_bytes() for p in [ckpt, *sorted((tmp_path / "hr").iterdir())]}
+    for args, words in [(["--figure", str(tmp_path / "hr" / "img0.png")], "is an input"),
+                        (["--figure", str(ckpt)], "is an input"),
+                        (["--out", str(tmp_path / "hr" / "img1")], "is an input"),  # writes img1.png, img1.json, ...
+                        (["--out", str(tmp_path / "hr" / "report")], "inside --data")]:
+        code = ev.main([str(ckpt), "--data", str(tmp_path / "hr"), *args])
+        assert code == 2, args
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_sample_never_writes_through_a_link_or_onto_its_checkpoint(tmp_path, random_ckpt, capsys):
+    photo(12, 12).save(tmp_path / "a.png")
+    photo(12, 12, seed=1).save(tmp_path / "b.png")
+    (tmp_path / "b_x4.png").write_bytes(b"b's own output")
+    os.symlink(tmp_path / "b_x4.png", tmp_path / "a_x4.png")  # a's output name leads to b's output
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(open(random_ckpt, "rb").read())
+    for args, words in [([tmp_path / "a.png", "--force"], "symbolic link"),
+                        ([tmp_path / "b.png", "--out", ckpt, "--force"], "format")]:
+        code, _, err = sample_main([*args, "--ckpt", ckpt], capsys)
+        assert code == 2 and words in one_line(err), (args, err)
+    assert (tmp_path / "b_x4.png").read_bytes() == b"b's own output" and os.path.islink(tmp_path / "a_x4.png")
+    png = tmp_path / "m_as.png"
+    png.write_bytes(open(random_ckpt, "rb").read())  # a checkpoint with an image's name: still never overwritten
+    code, _, err = sample_main([tmp_path / "b.png", "--out", png, "--force", "--ckpt", png], capsys)
+    assert code == 2 and "is an input" in one_line(err) and png.read_bytes() == open(random_ckpt, "rb").read()
+
+
+def test_a_save_of_non_finite_weights_is_refused_and_the_last_good_files_stay(tmp_path, vae_file, monkeypatch):
+    """NaN gradients skip their step (the weights stay finite); weights that are NaN all the same are never saved:
+    the run stops, exit 1, with the last good checkpoint and state untouched."""
+    import train
+    import yonos
+    write_photos(tmp_path / "photos", n=2, size=40)
+    cfg = lambda steps, **kw: train.TrainConfig(config="tiny", vae=vae_file, data=str(tmp_path / "photos"), crop=32,
+                                                batch_size=2, steps=steps, save_every=2, quiet=True,
+                                                out=str(tmp_path / "x2.pt"), **kw)
+    train.main(cfg(2))
+    good = {p: open(tmp_path / p, "rb").read() for p in ("x2.pt", "x2.pt.state")}
+    real = yonos.sr_loss
+
+    def nan_gradient(unet, *a, **kw):  # a finite loss whose gradient is NaN: sqrt'(0) * 0
+        loss = real(unet, *a, **kw)
+        return loss + (0 * sum(p.sum() for p in unet.parameters())).clamp(min=0).sqrt()
+    monkeypatch.setattr(train, "sr_loss", nan_gradient)
+    model = train.main(cfg(4, resume=True))  # steps 3 and 4 are skipped: their gradients are NaN
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = [json.loads(line) for line in open(tmp_path / "x2.pt.log.jsonl")]
+    assert not np.isfinite(rows[-1]["grad_norm"]) if rows[-1]["grad_norm"] is not None else True
+    monkeypatch.setattr(train, "sr_loss", real)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: [p.data.fill_(float("nan")) for g in
+                                                                           self.param_groups for p in g["params"]])
+    good = {p: open(tmp_path / p, "rb").read() for p in ("x2.pt", "x2.pt.state")}
+    with pytest.raises(SystemExit) as e:
+        train.main(cfg(6, resume=True))
+    assert e.value.code == 1 and {p: open(tmp_path / p, "rb").read() for p in good} == good
+
+
+@pytest.mark.parametrize("change", [["--scale", "4"], ["--seed", "3"], ["--batch-size", "3"], ["--vae", "OTHER"]])
+def test_resume_refuses_a_run_saved_with_other_options(change, tmp_path, vae_file):
+    write_photos(tmp_path / "photos", n=2, size=40)
+    assert run_script(train_args(tmp_path, vae_file, "--quiet", steps=2)).returncode == 0
+    other = tmp_path / "vae2.pt"
+    other.write_bytes(open(vae_file, "rb").read())
+    change = [str(other) if a == "OTHER" else a for a in change]
+    before = open(tmp_path / "x2.pt", "rb").read()
+    r = run_script([*train_args(tmp_path, vae_file, "--quiet", steps=4), "--resume", *change])
+    assert r.returncode == 2 and "other options" in one_line(r.stderr) and change[0] in r.stderr
+    assert open(tmp_path / "x2.pt", "rb").read() == before
+
+
+# -----------------------------------------------------------------------------
+# nothing executed: only the documented raster formats are opened, by content
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A `gs` on PATH that records that it ran (Pillow starts Ghostscript to decode EPS and PS files)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "gs_ran"
+    os.makedirs(bin_dir)
+    # Pillow asks `gs --version` to know there is one; any other call is Ghostscript being run on a file
+    (bin_dir / "gs").write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo 10.0 && exit 0\necho "$@" >> {log}\nexit 1\n')
+    os.chmod(bin_dir / "gs", 0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\nshowpage\n"
+
+
+def test_an_eps_named_png_never_starts_ghostscript(tmp_path, random_ckpt, vae_file, fake_ghostscript, capsys):
+    from PIL import EpsImagePlugin
+    assert EpsImagePlugin.has_ghostscript()  # the fake one: Pillow would run it for an EPS it is allowed to open
+    (tmp_path / "evil.png").write_bytes(EPS)
+    code, _, err = sample_main([tmp_path / "evil.png", "--ckpt", random_ckpt], capsys)
+    assert code == 1 and "cannot read" in one_line(err) and "evil.png" in err
+    write_photos(tmp_path / "photos", n=2, size=40)
+    (tmp_path / "photos" / "evil.jpg").write_bytes(EPS)
+    r = run_script(train_args(tmp_path, vae_file, "--quiet", steps=1), env={"PATH": os.environ["PATH"]})
+    assert r.returncode == 0 and "evil.jpg" in r.stderr and "Traceback" not in r.stderr
+    code = ev.main([random_ckpt, "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "res")])
+    assert code == 1 and not os.path.exists(fake_ghostscript)
+
+
+# -----------------------------------------------------------------------------
+# wrong but quiet: 16-bit, float, ICC, the output format, JSON
+
+
+def run_one(tmp_path, capsys, src, ckpt, *extra, out="out.png"):
+    code, _, err = sample_main([src, "--ckpt", ckpt, "--out", tmp_path / out, "--no-color-fix", *extra], capsys)
+    assert code == 0, err
+    return tmp_path / out
+
+
+def test_sixteen_bit_and_float_images_keep_their_brightness(tmp_path):
+    """A dark 16-bit PNG (0.19% of full scale) reads as 0.19%, not as half brightness; a float TIFF in [0, 1]
+    reads as its values, not black; 32-bit integer TIFFs scale by their bit depth."""
+    import tifffile
+    from data import open_image
+    dark = np.full((20, 20), 127, np.uint16)  # 127 / 65535 = 0.19 %
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    tifffile.imwrite(tmp_path / "float.tif", np.full((20, 20), 0.75, np.float32))
+    tifffile.imwrite(tmp_path / "int32.tif", np.full((20, 20), 2 ** 31, np.uint32).astype(np.int64).clip(0, 2 ** 31 - 1)
+                     .astype(np.int32))
+    assert np.asarray(open_image(str(tmp_path / "dark16.png"))[0]).max() == 0  # 0.49 of a level: rounds to black
+    assert np.asarray(open_image(str(tmp_path / "float.tif"))[0]).mean() == pytest.approx(191, abs=1)
+    assert np.asarray(open_image(str(tmp_path / "int32.tif"))[0]).mean() == pytest.approx(128, abs=1)
+    mid = np.full((20, 20), 32896, np.uint16)  # 50.2 % of full scale
+    Image.fromarray(mid).save(tmp_path / "mid16.png")
+    assert np.asarray(open_image(str(tmp_path / "mid16.png"))[0]).mean() == pytest.approx(128, abs=0.5)
+    tifffile.imwrite(tmp_path / "nan.tif", np.full((20, 20), np.nan, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        open_image(str(tmp_path / "nan.tif"))
+
+
+def test_sample_keeps_an_icc_profile_and_writes_the_format_its_extension_names(tmp_path, random_ckpt, capsys):
+    from PIL import ImageCms
+    wide = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any profile that is not sRGB
+    photo(12, 12).save(tmp_path / "in.png", icc_profile=wide)
+    out = run_one(tmp_path, capsys, tmp_path / "in.png", random_ckpt)
+    assert Image.open(out).info.get("icc_profile") == wide
+    for name, magic in [("r.jpg", b"\xff\xd8\xff"), ("r.webp", b"RIFF"), ("r.bmp", b"BM"), ("r.tif", b"II*\0")]:
+        path = run_one(tmp_path, capsys, tmp_path / "in.png", random_ckpt, out=name)
+        assert path.read_bytes().startswith(magic), name
+    code, _, err = sample_main([tmp_path / "in.png", "--ckpt", random_ckpt, "--out", tmp_path / "r.gif"], capsys)
+    assert code == 2 and "cannot write this format" in one_line(err) and not (tmp_path / "r.gif").exists()
+
+
+def test_eval_json_is_standard_json_even_for_a_perfect_score(tmp_path, random_ckpt):
+    os.makedirs(tmp_path / "hr")
+    Image.new("RGB", (40, 40), (90, 120, 200)).save(tmp_path / "hr" / "flat.png")  # bicubic is exact: PSNR inf
+    assert ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--out", str(tmp_path / "res")]) == 0
+    text = open(tmp_path / "res.json").read()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert [r["psnr"] for r in report["rows"] if r["model"] == "bicubic"] == [None]
+
+
+# -----------------------------------------------------------------------------
+# never a traceback, never a hang: header fields by type, odd options, locks, signals, the Hub
+
+
+@pytest.mark.parametrize("name,edit,words", [
+    ("int8_weights", lambda t, h: t.__setitem__("unet.conv_in.weight", t["unet.conv_in.weight"].to(torch.int8)),
+     "integer or bool"),
+    ("bool_context", lambda t, h: t.__setitem__("context", t["context"] > 0), "context"),
+    ("steps_float", lambda t, h: h.setdefault("meta", {}).__setitem__("sampling_steps", 2.5), "sampling_steps"),
+    ("steps_huge", lambda t, h: h.setdefault("meta", {}).__setitem__("sampling_steps", 10 ** 6), "sampling_steps"),
+    ("w_max_string", lambda t, h: h.setdefault("meta", {}).__setitem__("w_max", "4"), "w_max"),
+    ("layers_huge", lambda t, h: h["unet"].__setitem__("layers_per_block", 65536), "at most"),
+    ("levels_many", lambda t, h: h["vae"].__setitem__("block_out_channels", [32] * 40), "block_out_channels"),
+    ("schedule_wrong", lambda t, h: t.__setitem__("alphas_cumprod", torch.ones(10)), "alphas_cumprod"),
+])
+def test_forged_header_fields_are_checked_by_type_first(name, edit, words, tmp_path, random_ckpt, capsys):
+    t, h = load_file(random_ckpt), read_header(random_ckpt)
+    edit(t, h)
+    save_file(t, str(tmp_path / "f.pt"), metadata={"yonos": json.dumps(h)})
+    photo(16, 16).save(tmp_path / "in.png")
+    t0 = time.time()
+    code, _, err = sample_main([tmp_path / "in.png", "--ckpt", tmp_path / "f.pt"], capsys)
+    assert code == 2 and words in one_line(err) and time.time() - t0 < 10, err
+    assert sorted(os.listdir(tmp_path)) == ["f.pt", "in.png"]
+
+
+@pytest.mark.parametrize("args,words", [(["--seed", str(2 ** 70)], "--seed"), (["--tile", "-3"], "--tile"),
+                                        (["--steps", "1.5"], "--steps"), (["--max-pixels", "0"], "--max-pixels")])
+def test_sample_odd_numbers_are_one_line(args, words, tmp_path, random_ckpt, capsys):
+    photo(12, 12).save(tmp_path / "img.png")
+    code, _, err = sample_main([tmp_path / "img.png", "--ckpt", random_ckpt, *args], capsys)
+    assert code == 2 and words in one_line(err)
+
+
+@pytest.mark.parametrize("args,words", [(["--tile", "-3"], "--tile"), (["--seeds", str(2 ** 70)], "--seeds"),
+                                        (["--lr-jpeg", "300"], "--lr-jpeg")])
+def test_eval_odd_numbers_are_one_line(args, words, tmp_path, random_ckpt, capsys):
+    write_photos(tmp_path / "hr", n=1, size=40)
+    code = ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--out", str(tmp_path / "res"), *args])
+    assert code == 2 and words in one_line(capsys.readouterr().err) and not os.path.exists(tmp_path / "res.json")
+
+
+@pytest.mark.parametrize("args,words", [(["--seed", str(2 ** 70)], "--seed"), (["--batch-size", "100000"], "GiB"),
+                                        (["--lr", "nan"], "--lr"), (["--grad-accum", "0"], "--grad-accum")])
+def test_train_odd_numbers_are_one_line_and_fast(args, words, tmp_path, vae_file):
+    write_photos(tmp_path / "photos", n=2, size=40)
+    t0 = time.time()
+    r = run_script([*train_args(tmp_path, vae_file, "--quiet"), *args])
+    assert r.returncode == 2 and words in one_line(r.stderr) and time.time() - t0 < 30, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_a_lock_that_is_a_folder_or_a_stale_file_with_our_pid_is_handled(tmp_path, vae_file):
+    """A .lock that is a folder: one line. A .lock file left by a killed run whose pid this run happens to have
+    (containers reuse pids): no one holds it, so the run goes on (the lock is an OS lock, not a pid)."""
+    write_photos(tmp_path / "photos", n=2, size=40)
+    os.makedirs(tmp_path / "x2.pt.lock")
+    r = run_script(train_args(tmp_path, vae_file, "--quiet"))
+    assert r.returncode == 2 and "is a folder" in one_line(r.stderr)
+    os.rmdir(tmp_path / "x2.pt.lock")
+    assert run_script(train_args(tmp_path, vae_file, "--quiet", steps=2)).returncode == 0
+    code = f"import os; open({str(tmp_path / 'x2.pt.lock')!r}, 'w').write(str(os.getpid())); import runpy, sys; " \
+           f"sys.argv = {train_args(tmp_path, vae_file, '--quiet', '--resume', steps=4)!r}; " \
+           "runpy.run_path(sys.argv[0], run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert YonosSR.load(str(tmp_path / "x2.pt")).meta["step"] == 4 and not os.path.exists(tmp_path / "x2.pt.lock")
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_stops(tmp_path, vae_file):
+    """What systemd and kill -TERM -PGID do: every process of the group gets SIGTERM, the data workers too; they
+    ignore it, the main process saves the step reached and stops with 143."""
+    write_photos(tmp_path / "photos", n=2, size=40)
+    args = train_args(tmp_path, vae_file, "--save-every", "100000", "--workers", "2", steps=100000)
+    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=open(tmp_path.parent / "e.txt", "w"),
+                         text=True, cwd=HERE, start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("stage "):
+            break
+    time.sleep(4.0)
+    os.killpg(p.pid, signal.SIGTERM)
+    p.communicate(timeout=120)
+    err = open(tmp_path.parent / "e.txt").read()
+    assert p.returncode == 143 and "saved" in err and "Traceback" not in err, err[-2000:]
+    assert YonosSR.load(str(tmp_path / "x2.pt")).meta["step"] >= 1
+
+
+def test_a_hub_that_never_answers_is_one_line_within_seconds(tmp_path):
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # accepts connections (the kernel does) and never answers
+    port = server.getsockname()[1]
+    write_photos(tmp_path / "photos", n=2, size=40)
+    t0 = time.time()
+    r = run_script([os.path.join(HERE, "train.py"), "--pretrained", "org/model", "--data", str(tmp_path / "photos"),
+                    "--quiet", "--out", str(tmp_path / "x2.pt")],
+                   env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_OFFLINE": "0",
+                        "HF_HUB_CACHE": str(tmp_path / "cache")})
+    server.close()
+    assert r.returncode == 2 and "did not answer" in one_line(r.stderr) and time.time() - t0 < 60, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["cache", "photos"] or sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_a_mistyped_local_folder_is_never_read_as_a_hub_repo(tmp_path):
+    os.makedirs(tmp_path / "models")
+    write_photos(tmp_path / "photos", n=2, size=40)
+    r = run_script([os.path.join(HERE, "train.py"), "--pretrained", "models/sd21", "--data", str(tmp_path / "photos"),
+                    "--quiet", "--out", str(tmp_path / "x2.pt")], cwd=str(tmp_path),
+                   env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"})
+    assert r.returncode == 2 and "no such folder" in one_line(r.stderr) and "models/ is a folder" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# memory: planned before the work, and bounded by the tile
+
+
+def test_sample_refuses_what_would_not_fit_before_reading_it(tmp_path, random_ckpt, capsys):
+    """An input near Pillow's bomb limit, or a checkpoint claiming x64: the output's size is checked against
+    --max-pixels from the file's header, before any decoding; one line, at once."""
+    import zlib
+    width, height = 9000, 9000  # 81 M pixels (Pillow warns above 89 M): a valid grey PNG of zeros, 80 KB on disk
+    rows = zlib.compressobj(9)
+    body = b"".join(rows.compress(b"\0" * (width + 1)) for _ in range(height)) + rows.flush()
+    chunk = lambda kind, d: len(d).to_bytes(4, "big") + kind + d + zlib.crc32(kind + d).to_bytes(4, "big")
+    (tmp_path / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", width.to_bytes(4, "big") + height.to_bytes(
+        4, "big") + bytes([8, 0, 0, 0, 0])) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    t0 = time.time()
+    code, _, err = sample_main([tmp_path / "big.png", "--ckpt", random_ckpt], capsys)
+    assert code == 1 and "--max-pixels" in one_line(err) and time.time() - t0 < 10
+    forge(random_ckpt, str(tmp_path / "x64.pt"), lambda h: h.__setitem__("scale", 64))
+    photo(300, 300).save(tmp_path / "in.png")
+    code, _, err = sample_main([tmp_path / "in.png", "--ckpt", tmp_path / "x64.pt"], capsys)
+    assert code == 1 and "--max-pixels" in one_line(err) and "19200x19200" in err
+    assert sorted(os.listdir(tmp_path)) == ["big.png", "in.png", "x64.pt"]
+
+
+PEAK = """import runpy, sys, runtime
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print("peak", runtime.peak_rss())
+"""
+
+
+def test_sample_memory_is_bounded_by_the_tile_not_the_image_and_within_its_plan(tmp_path, random_ckpt):
+    """The same model on an image 64 times taller (64x the output pixels, the same width): peak memory grows by far
+    less than the output would take in memory (it is streamed to the PNG a band at a time, never held; what a band
+    holds grows with the width only), and stays within what sample.py says it will need before it starts."""
+    peaks, plans = [], []
+    for width, height in ((64, 32), (64, 2048)):
+        photo(width, height).save(tmp_path / f"in{height}.png")
+        r = run_script(["-c", PEAK, os.path.join(HERE, "sample.py"), str(tmp_path / f"in{height}.png"), "--ckpt",
+                        random_ckpt, "--tile", "32", "--dtype", "fp32", "--threads", "1"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks.append(int(r.stdout.split("peak")[-1]))
+        plans.append(float(r.stdout.split("needs about ")[1].split(" MB")[0].replace(",", "")) * 2 ** 20)
+    in_memory = 256 * 8192 * (3 + 4 * (3 + 3 + 1 + 2))  # the output, the input, sums, weights, noise: 77 MB
+    assert peaks[1] - peaks[0] < in_memory / 2, (peaks, in_memory)  # measured 14-30 MB (allocator noise)
+    assert all(peak <= plan for peak, plan in zip(peaks, plans)), (peaks, plans)  # the plan is an upper bound

@@ -14,13 +14,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
+import data
 import eval as ev
 import metrics
+import runtime
 import sample
 import upscale
 from conftest import HERE, photo, write_random_lpips
@@ -102,7 +105,7 @@ def test_sample_bad_inputs_give_one_line_errors(tmp_path, random_ckpt, capsys):
     cases = [("missing.png", "no such file"), ("empty.png", "cannot read"), ("text.png", "cannot read"),
              ("truncated.png", "cannot read"), ("tiny.png", "too small"), ("large.png", "larger than the limit")]
     for name, msg in cases:
-        code, out, err = run_sample([tmp_path / name, "--ckpt", random_ckpt, "--max-pixels", "4000"], capsys)
+        code, out, err = run_sample([tmp_path / name, "--ckpt", random_ckpt, "--max-pixels", "40000"], capsys)
         lines = err.strip().splitlines()
         assert code != 0 and len(lines) == 1 and name in lines[0] and msg in lines[0], (name, err)
     code, _, err = run_sample([tmp_path / "nothing_here", "--ckpt", random_ckpt], capsys)
@@ -110,7 +113,7 @@ def test_sample_bad_inputs_give_one_line_errors(tmp_path, random_ckpt, capsys):
     code, _, err = run_sample([tmp_path / "good.png", "--ckpt", tmp_path / "text.png"], capsys)
     assert code == 2 and "not a yonos checkpoint" in err
     for bad, msg in [(["--tile", "10"], "multiple of 4"), (["--tile", "16", "--overlap", "16"], "--overlap must be"),
-                     (["--steps", "0"], "--steps: must be at least 1")]:
+                     (["--steps", "0"], "--steps: must be in 1..1000")]:
         code, _, err = run_sample([tmp_path / "good.png", "--ckpt", random_ckpt, *bad], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, (bad, err)
     # in a batch, one bad file does not stop the others
@@ -123,7 +126,7 @@ def test_sample_bad_inputs_give_one_line_errors(tmp_path, random_ckpt, capsys):
 def test_sample_never_overwrites_without_force(tmp_path, random_ckpt, capsys):
     photo(16, 16).save(tmp_path / "a.png")
     code, _, err = run_sample([tmp_path / "a.png", "--out", tmp_path / "a.png", "--ckpt", random_ckpt], capsys)
-    assert code == 1 and "is an input" in err
+    assert code == 2 and "is an input" in err and sorted(os.listdir(tmp_path)) == ["a.png"]
     (tmp_path / "a_x4.png").write_bytes(b"keep")
     code, _, err = run_sample([tmp_path / "a.png", "--ckpt", random_ckpt], capsys)
     assert code == 1 and "--force" in err and (tmp_path / "a_x4.png").read_bytes() == b"keep"
@@ -156,12 +159,37 @@ def test_tile_defaults_come_from_the_checkpoint(random_ckpt, tmp_path):
 
 
 def test_tiles_in_batches_equal_tiles_one_by_one(random_ckpt):
-    model = YonosSR.load(random_ckpt)
-    g = torch.Generator().manual_seed(0)
-    x_up, noise = torch.rand(1, 3, 48, 40, generator=g) * 2 - 1, torch.randn(1, 4, 24, 20, generator=g)  # f=2
-    batched = upscale.super_resolve_tiled(model, x_up, noise, 2, 8, 4)  # 5x4 tiles, all in one batch
-    one_by_one = upscale.super_resolve_tiled(model, x_up, noise, 2, 8, 4, cells_per_batch=1)
-    assert batched.shape == x_up.shape and (batched - one_by_one).abs().max() < 1e-5
+    model, img = YonosSR.load(random_ckpt), photo(20, 24)  # 80x96 output, 40x48 latent cells: 7x6 tiles of 8
+    src = upscale.Upsampled(to_tensor(img)[None], 4, 96, 80)
+    bands = lambda cells: torch.cat([rows for _, rows in upscale.bands_of_sr(model, src, 0, 2, 0.0, 8, 2, 96, 80,
+                                                                             cells)], 2)
+    batched, one_by_one = bands(64 * 64), bands(1)  # all tiles of a row in one batch; one tile a batch
+    assert batched.shape == (1, 3, 96, 80) and (batched - one_by_one).abs().max() < 1e-5
+
+
+def test_streamed_upscale_equals_the_whole_image_computation(random_ckpt):
+    """upscale_rows makes the output a band at a time; it must equal doing each part on the whole image at once:
+    the bicubic input, the tiles blended into one SR image, the colour fix (which reads 31 rows around each band)."""
+    model, img = YonosSR.load(random_ckpt), photo(37, 90)  # 148 x 360 out: the colour fix works in several bands
+    H, W, m = 360, 148, model.multiple
+    Hp, Wp = H + -H % m, W + -W % m
+    x_up = F.pad(data.upsample(to_tensor(img)[None], (H, W)), (0, Wp - W, 0, Hp - H), mode="reflect")
+    src = upscale.Upsampled(to_tensor(img)[None], 4, Hp, Wp)
+    assert torch.equal(src.rows(0, Hp), x_up) and torch.equal(src.rows(133, 211), x_up[..., 133:211, :])
+    sr = torch.cat([rows for _, rows in upscale.bands_of_sr(model, src, 0, 1, 0.0, 8, 2, Hp, Wp)], 2)
+    whole = upscale.color_fix(sr, x_up)[0, :, :H, :W]
+    want = ((whole.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
+    got = np.asarray(upscale.upscale(img, model, tile=8, overlap=2), dtype=np.int16)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1 and (got == want).mean() > 0.999
+
+
+def test_block_noise_is_the_same_whichever_region_asks():
+    a = upscale.block_noise(7, 4, 0, 70, 0, 90)
+    assert a.shape == (1, 4, 70, 90) and abs(float(a.std()) - 1) < 0.05
+    assert torch.equal(upscale.block_noise(7, 4, 20, 53, 31, 77), a[..., 20:53, 31:77])
+    assert not torch.equal(upscale.block_noise(8, 4, 0, 70, 0, 90), a)
+    b = upscale.block_noise(7, 4, 0, 64, 0, 64)  # no seam: blocks are independent draws, not shifted copies
+    assert abs(float(torch.corrcoef(torch.stack([b[0, :, :32, :32].flatten(), b[0, :, 32:, 32:].flatten()]))[0, 1])) < 0.05
 
 
 def test_tiled_output_agrees_with_untiled_on_the_shipped_model():
@@ -331,12 +359,12 @@ def test_shipped_model_output_on_the_example_is_unchanged():
 
 def test_compiled_model_gives_the_eager_output_with_static_tile_batches(random_ckpt):
     """--compile's code path on a CPU: torch.compile with the eager backend (inductor's CUDA graphs need a GPU,
-    and on a CPU compile() only returns a note). Tile batches are padded to one shape, so one graph serves all."""
+    and on a CPU compile_model only returns a note). Tile batches are padded to one shape, so one graph serves all."""
     img = photo(40, 36)
     eager = np.asarray(upscale.upscale(img, YonosSR.load(random_ckpt), tile=8, overlap=2), dtype=np.int16)
     model = YonosSR.load(random_ckpt)
-    assert "CUDA" in model.compile() and not model.compiled  # the default on a CPU: a note, not an error
-    assert model.compile(backend="eager") is None and model.compiled
+    assert "CUDA" in runtime.compile_model(model) and not model.compiled  # the default on a CPU: a note
+    assert runtime.compile_model(model, backend="eager") is None and model.compiled
     compiled = np.asarray(upscale.upscale(img, model, tile=8, overlap=2), dtype=np.int16)
     assert compiled.shape == eager.shape and np.abs(compiled - eager).max() <= 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # U-Net, encode, decode: no recompiles

@@ -190,8 +190,8 @@ def test_progressive_target_is_the_teachers_two_steps_in_one():
     t = torch.tensor([grid[0], grid[2], grid[4]])
     with torch.no_grad():
         target = two_step_target(teacher, z_t, z_l, t, t_mid, t_next, ctx, AC)
-        z_mid = ddim_step(z_t, predict_v(teacher, z_t, z_l, t, ctx), t, t_mid, AC)
-        two_steps = ddim_step(z_mid, predict_v(teacher, z_mid, z_l, t_mid, ctx), t_mid, t_next, AC)
+        z_mid = ddim_step(z_t, predict_v(teacher, z_t, z_l, t, ctx, AC), t, t_mid, AC)
+        two_steps = ddim_step(z_mid, predict_v(teacher, z_mid, z_l, t_mid, ctx, AC), t_mid, t_next, AC)
     a, s = alpha_sigma(AC, t)
     eps = (z_t - a * target) / s  # the DDIM step of a model whose x0 is the target
     one_step = q_sample(target, t_next, eps, AC)
@@ -221,8 +221,8 @@ def test_guidance_embedding_starts_as_the_unguided_model_and_guided_loss_is_zero
         for w in (0.0, 1.0, 7.5):
             assert torch.equal(student(x, t, ctx, torch.full((2,), w)), teacher(x, t, ctx))
         z_t, z_l = x[:, :4], x[:, 4:]
-        v_c, v_u = predict_v(teacher, z_t, z_l, t, ctx), predict_v(teacher, z_t, torch.zeros_like(z_l), t, ctx)
-        assert torch.allclose(guided_v(teacher, z_t, z_l, t, ctx, 2.0), 3 * v_c - 2 * v_u, atol=1e-5)
+        v_c, v_u = predict_v(teacher, z_t, z_l, t, ctx, AC), predict_v(teacher, z_t, torch.zeros_like(z_l), t, ctx, AC)
+        assert torch.allclose(guided_v(teacher, z_t, z_l, t, ctx, AC, 2.0), 3 * v_c - 2 * v_u, atol=1e-5)
     z_h = torch.randn(2, 4, 8, 8)
     assert guided_distillation_loss(student, teacher, z_h, z_l, ctx, AC, 0.0,
                                     torch.Generator().manual_seed(0)).item() < 1e-10

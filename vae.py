@@ -41,6 +41,10 @@ class VAEConfig:
         check_positive_ints("VAEConfig", in_channels=self.in_channels, out_channels=self.out_channels,
                             block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                             latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups)
+        if len(self.block_out_channels) > 8 or self.layers_per_block > 16 or max(self.block_out_channels) > 8192:
+            raise ValueError(f"VAEConfig: block_out_channels and layers_per_block: at most 8 levels, 16 layers and 8192 "
+                             f"channels (SD has 4, 2, 512), not {len(self.block_out_channels)}, {self.layers_per_block}, "
+                             f"{max(self.block_out_channels)}")
         if any(ch % self.norm_num_groups for ch in self.block_out_channels):
             raise ValueError(f"VAEConfig: channels {self.block_out_channels} do not split into "
                              f"{self.norm_num_groups} norm groups")

@@ -109,15 +109,15 @@ def ref_weighted_x0_loss(x0_pred, target, t, ac, prior_std=0.0):
 
 def ref_sr_loss(unet, z_h, z_l, context, ac, generator=None):
     t, z_t = yonos.noised(z_h, ac, generator)
-    x0 = REF_X0(z_t, yonos.predict_v(unet, z_t, z_l, t, context), t, ac)
+    x0 = REF_X0(z_t, yonos.predict_v(unet, z_t, z_l, t, context, ac), t, ac)
     return ref_weighted_x0_loss(x0, z_h, t, ac, yonos.prior_std(unet))
 
 
 def ref_scale_distillation_loss(student, teacher, z_h, z_l, z_l_teacher, context, ac, generator=None):
     t, z_t = yonos.noised(z_h, ac, generator)
     with torch.no_grad():
-        target = REF_X0(z_t, yonos.predict_v(teacher, z_t, z_l_teacher, t, context), t, ac)
-    return ref_weighted_x0_loss(REF_X0(z_t, yonos.predict_v(student, z_t, z_l, t, context), t, ac), target, t, ac,
+        target = REF_X0(z_t, yonos.predict_v(teacher, z_t, z_l_teacher, t, context, ac), t, ac)
+    return ref_weighted_x0_loss(REF_X0(z_t, yonos.predict_v(student, z_t, z_l, t, context, ac), t, ac), target, t, ac,
                                 yonos.prior_std(student))
 
 
@@ -133,8 +133,8 @@ def ref_discriminator_loss(disc, x_rec, x_h):
 
 
 def ref_two_step_target(teacher, z_t, z_l, t, t_mid, t_next, context, ac, w=None):
-    z_mid = ref_ddim_step(z_t, yonos.predict_v(teacher, z_t, z_l, t, context, w).float(), t, t_mid, ac)
-    z_next = ref_ddim_step(z_mid, yonos.predict_v(teacher, z_mid, z_l, t_mid, context, w).float(), t_mid, t_next, ac)
+    z_mid = ref_ddim_step(z_t, yonos.predict_v(teacher, z_t, z_l, t, context, ac, w).float(), t, t_mid, ac)
+    z_next = ref_ddim_step(z_mid, yonos.predict_v(teacher, z_mid, z_l, t_mid, context, ac, w).float(), t_mid, t_next, ac)
     a, s = yonos.alpha_sigma(ac, t)
     a2, s2 = yonos.alpha_sigma(ac, t_next)
     return (z_next - s2 / s * z_t) / (a2 - s2 / s * a)
@@ -548,8 +548,8 @@ def test_one_step_with_the_target_lands_on_the_teachers_two_steps(others):
     t, t_mid, t_next = torch.tensor([749]), torch.tensor([624]), torch.tensor([499])
     with torch.no_grad():
         x = yonos.two_step_target(teacher, z_t, z_l, t, t_mid, t_next, ctx, AC)
-        z_mid = ref_ddim_step(z_t, yonos.predict_v(teacher, z_t, z_l, t, ctx), t, t_mid, AC)
-        two = ref_ddim_step(z_mid, yonos.predict_v(teacher, z_mid, z_l, t_mid, ctx), t_mid, t_next, AC)
+        z_mid = ref_ddim_step(z_t, yonos.predict_v(teacher, z_t, z_l, t, ctx, AC), t, t_mid, AC)
+        two = ref_ddim_step(z_mid, yonos.predict_v(teacher, z_mid, z_l, t_mid, ctx, AC), t_mid, t_next, AC)
         a, s = yonos.alpha_sigma(AC, t)
         one = REF_Q(x, t_next, (z_t - a * x) / s, AC)
     assert torch.allclose(one, two, atol=1e-4)
@@ -560,6 +560,6 @@ def test_last_step_target_is_the_teachers_result(others):
     teacher, z_t, z_l, ctx = LinearV(4), torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5), torch.randn(1, 8, 32)
     t, t_mid, t_next = torch.tensor([249]), torch.tensor([124]), torch.tensor([-1])
     with torch.no_grad():
-        z_mid = ref_ddim_step(z_t, yonos.predict_v(teacher, z_t, z_l, t, ctx), t, t_mid, AC)
-        two = ref_ddim_step(z_mid, yonos.predict_v(teacher, z_mid, z_l, t_mid, ctx), t_mid, t_next, AC)
+        z_mid = ref_ddim_step(z_t, yonos.predict_v(teacher, z_t, z_l, t, ctx, AC), t, t_mid, AC)
+        two = ref_ddim_step(z_mid, yonos.predict_v(teacher, z_mid, z_l, t_mid, ctx, AC), t_mid, t_next, AC)
         assert torch.allclose(yonos.two_step_target(teacher, z_t, z_l, t, t_mid, t_next, ctx, AC), two, atol=1e-5)

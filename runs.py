@@ -1,0 +1,263 @@
+"""
+A training run's plumbing, kept out of train.py's loop: its files, its lock, resuming, interrupts, DDP, and the
+memory plan checked before the first step.
+
+  RunFiles     --out (the model), <out>.state (for --resume), <out>.log.jsonl, <out>.lock while it runs: nothing that
+               exists is touched before this run's first save, every write is atomic (files.write_atomic), a save
+               of non-finite weights is refused (the last good files stay), and --resume refuses a run whose
+               model-defining options differ from the saved run's
+  Interrupts   SIGINT / SIGTERM: save the step reached and stop; a second signal stops at once
+  DDP          setup_distributed, wrap, StepSampler (which samples each process and step sees), quiet_worker
+  memory_plan  an upper bound of what one optimiser step allocates, refused before any work if it cannot fit
+
+References: PyTorch DistributedDataParallel (Li et al., arXiv 2006.15704).
+"""
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from data import list_images
+from files import Lock, check_outputs, load_state, remove_stale_temps, write_atomic
+from runtime import available_memory, resolve_device
+
+
+def fail(msg: str):
+    """Bad input: one line on stderr, exit code 2, no traceback."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# the options that define what a run trains: --resume refuses to continue a run saved with other values
+IDENTITY = ("stage", "config", "scale", "pretrained", "vae", "teacher", "init", "unet", "teacher_steps", "degradation",
+            "crop", "batch_size", "grad_accum", "seed", "cond_drop", "w_max", "lora_rank", "lora_alpha", "ema",
+            "adv_weight", "gan_weight", "lpips")
+
+# -----------------------------------------------------------------------------
+# the run's files
+
+
+class RunFiles:
+    """--out, <out>.state and <out>.log.jsonl of one run, and <out>.lock while it runs. Nothing that exists is
+    touched before the first save of this run; every write is atomic (files.write_atomic); none of them may be a
+    file the run reads (a teacher, the model being fine-tuned, a training photo: files.check_outputs)."""
+
+    def __init__(self, cfg, rank: int, reads: list[str]):
+        self.out, self.state, self.log, self.lock_path = (cfg.out, cfg.out + ".state", cfg.out + ".log.jsonl",
+                                                          cfg.out + ".lock")
+        self.rank, self.rows, self.kept, self.saved, self.lock = rank, [], "", False, None
+        self.identity = {k: getattr(cfg, k) for k in IDENTITY if hasattr(cfg, k)}
+        if rank:
+            return
+        try:
+            check_outputs([self.out, self.state, self.log, self.lock_path], reads)
+        except ValueError as e:
+            fail(str(e))
+        if cfg.resume and not os.path.isfile(self.state):
+            fail(f"--resume: no {self.state} to resume from")
+        if not cfg.resume and not cfg.overwrite and any(os.path.exists(p) for p in (self.out, self.state)):
+            fail(f"{self.out} exists; pass --resume to continue its run or --overwrite to replace it")
+        try:
+            self.lock = Lock(self.lock_path, "another train.py")
+        except ValueError as e:
+            fail(str(e))
+        for p in (self.out, self.state, self.log):
+            remove_stale_temps(p)  # left by a writer killed mid-save
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def resume(self, start: int):
+        """Keeps the log lines of the run being resumed up to its saved step."""
+        if os.path.isfile(self.log):
+            lines = [line for line in open(self.log, encoding="utf-8") if line.strip()]
+            self.kept = "".join(line for line in lines if json.loads(line).get("step", 0) <= start)
+
+    def write_log(self, row: dict | None = None):
+        if row is not None:
+            self.rows.append(json.dumps(row) + "\n")
+        if self.saved:  # an existing log is replaced only once this run has saved a checkpoint of its own
+            write_atomic(self.log, self.kept + "".join(self.rows))
+
+    def save(self, model_file, state: dict) -> bool:
+        """Writes the model (`model_file(path)`) and the resume state, unless a weight is NaN or infinite: then the
+        last good files are kept and False is returned (the caller stops)."""
+        if self.rank:
+            return True
+        tensors = [v for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
+        if not all(bool(torch.isfinite(v).all()) for v in tensors):
+            return False
+        model_file(self.out)
+        write_atomic(self.state, lambda f: torch.save(state | {"identity": self.identity}, f))
+        self.saved = True
+        self.write_log()
+        return True
+
+    def load(self, device) -> dict:
+        """The resume state, after checking it belongs to a run with this run's model-defining options."""
+        try:
+            state = load_state(self.state, device)
+        except ValueError as e:
+            fail(str(e))
+        if not isinstance(state, dict) or "step" not in state or not isinstance(state["step"], int):
+            fail(f"{self.state}: not a resume state written by train.py")
+        saved = state.get("identity", {})
+        if not isinstance(saved, dict) or state.get("stage", self.identity["stage"]) != self.identity["stage"]:
+            fail(f"{self.state}: not a resume state of a --stage {self.identity['stage']} run")
+        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {self.identity[k]!r}" for k in saved
+                   if k in self.identity and saved[k] != self.identity[k]]
+        if changed:
+            fail(f"{self.state}: not a resume state of this run: it was saved with other options "
+                 f"({'; '.join(changed[:3])}); rerun with the saved ones, or start a new --out")
+        return state
+
+
+def reads_of(cfg) -> list[str]:
+    """The files a run reads, which none of its outputs may be: its checkpoints and its photos."""
+    files = [cfg.teacher, cfg.unet, cfg.vae, cfg.init]
+    for folder in (cfg.data, cfg.val_data):
+        if folder and os.path.isdir(folder):
+            files += list_images(folder)
+    return [f for f in files if f]
+
+
+# -----------------------------------------------------------------------------
+# interrupts
+
+
+class Interrupts:
+    """SIGINT and SIGTERM. Before training starts they stop the run at once (nothing to save yet); once it runs
+    they only set `signal`, and the loop saves the step reached and stops. A second signal stops at once."""
+
+    def __init__(self):
+        self.signal, self.training = None, False
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.training and self.signal is None:
+            self.signal = signum
+            return
+        raise KeyboardInterrupt
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A data-loading worker ignores SIGINT and SIGTERM: the main process handles them (saves, then stops the
+    workers), so a signal to the whole process group (Ctrl-C, systemd, kill -TERM -PGID) never kills the data
+    pipeline under a run that is still saving."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_requested(stop: Interrupts, world: int, device) -> bool:
+    """Whether any process got SIGINT/SIGTERM (all ranks must stop at the same step)."""
+    flag = torch.tensor([float(stop.signal is not None)], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# -----------------------------------------------------------------------------
+# distributed: the same code runs alone, under torchrun, or in 2 CPU processes (tests)
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we started the process group). A process group made by the caller
+    (tests: gloo, file://) is used as it is."""
+    if dist.is_available() and dist.is_initialized() and device in ("auto", "cpu"):
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu"), False
+    if "RANK" not in os.environ or not dist.is_available():
+        return 0, 1, resolve_device(device), False
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"), True
+
+
+def wrap(module: nn.Module | None, world: int, device: torch.device) -> nn.Module | None:
+    if module is None or world == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync(module: nn.Module, sync: bool):
+    """DDP's no_sync for the micro-batches of --grad-accum before the last: their gradients add up locally and are
+    averaged across processes once, with the last one's."""
+    if sync or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return torch.enable_grad()
+    return module.no_sync()
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Sample numbers for steps start..steps-1 on this rank: sample k of step s is s*B*world + rank*B + k (B = the
+    step's whole batch, all its micro-batches), so every process sees different crops, a resumed run sees exactly
+    the crops it would have seen, and --grad-accum N with batch b sees the samples of one batch of N*b."""
+
+    def __init__(self, start: int, steps: int, batch: int, rank: int, world: int):
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            base = (s * self.world + self.rank) * self.batch
+            yield from range(base, base + self.batch)
+
+    def __len__(self):
+        return (self.steps - self.start) * self.batch
+
+
+# -----------------------------------------------------------------------------
+# memory: an upper bound of one step, before any work
+
+
+def activation_bytes(unet_config, vae_config, crop: int, element: int, checkpointing: bool) -> float:
+    """Bytes of the activations one training sample keeps for the backward pass of the U-Net at `crop` pixels: per
+    level, each resnet's ~8 saved tensors and each transformer block's ~12 (plus its attention scores, as if
+    materialised), the up path's concatenations; with gradient checkpointing, the levels' inputs and one level
+    at a time. An upper bound (measured peaks in README, "Training from SD")."""
+    u, f = unet_config, vae_config.factor
+    cells = (crop // f) ** 2
+    per_level = []
+    for i, ch in enumerate(u.block_out_channels):
+        n = cells / 4 ** i
+        resnets = (2 * u.layers_per_block + 1) * 8 * ch * n * 1.5  # down and up resnets, the up ones wider
+        attn = (2 * u.layers_per_block + 1) * (12 * ch * n + 2 * u.num_heads[i] * n * n) if u.attn_levels[i] else 0
+        per_level.append(resnets + attn)
+    mid = 3 * 8 * u.block_out_channels[-1] * cells / 4 ** (len(u.block_out_channels) - 1)
+    if checkpointing:
+        saved = sum(2 * ch * cells / 4 ** i for i, ch in enumerate(u.block_out_channels)) + max(per_level) + mid
+    else:
+        saved = sum(per_level) + mid
+    return saved * element
+
+
+def memory_plan(cfg, stage, device: torch.device) -> dict:
+    """An upper bound of the bytes one optimiser step allocates: every model's weights, the trained parameters'
+    gradients, AdamW's two moments (a quarter with 8-bit AdamW) and the EMA copy, one micro-batch's images and
+    activations (frozen networks forward only: the VAE, the teacher, at their widest point), all in fp32 but for
+    the activations under bf16/fp16."""
+    trained = [p for p in stage.trained.parameters() if p.requires_grad]
+    n_trained = sum(p.numel() for p in trained)
+    frozen = {id(p): p for m in stage.frozen for p in m.parameters()}
+    frozen.update({id(p): p for p in stage.trained.parameters() if not p.requires_grad})
+    weights = sum(p.numel() * 4 for p in frozen.values()) + n_trained * 4
+    opt = n_trained * (2 if cfg.optimizer == "adamw8bit" else 8)
+    element = 4 if cfg.precision in ("fp32",) or (cfg.precision == "auto" and device.type == "cpu") else 2
+    b = cfg.batch_size
+    images = b * 3 * cfg.crop ** 2 * 4 * 3
+    act = 0
+    if stage.unet_config is not None:
+        act = b * activation_bytes(stage.unet_config, stage.vae_config, cfg.crop, element, cfg.grad_checkpointing)
+    vae_peak = b * 6 * max(stage.vae_config.block_out_channels) * cfg.crop ** 2 * element if stage.vae_config else 0
+    total = weights + n_trained * 4 + opt + (n_trained * 4 if cfg.ema else 0) + images + max(act, vae_peak)
+    return {"bytes": int(total), "available": available_memory(device), "trained": n_trained}

@@ -85,9 +85,10 @@ def write_tokenizer(folder, pad: str):
                "pad_token": pad}, open(os.path.join(folder, "special_tokens_map.json"), "w"))
 
 
-def make_tiny_sd_repo(root, family: str = "sd2", unet_cfg: UNetConfig | None = None, seed: int = 0):
-    """A random tiny SD repo in diffusers layout (unet/ vae/ text_encoder/ tokenizer/), written by
-    diffusers' and transformers' own save_pretrained."""
+def make_tiny_sd_repo(root, family: str = "sd2", unet_cfg: UNetConfig | None = None, seed: int = 0,
+                      prediction_type: str | None = None):
+    """A random tiny SD repo in diffusers layout (unet/ vae/ text_encoder/ tokenizer/, and scheduler/ saying
+    `prediction_type` when given), written by diffusers' and transformers' own save_pretrained."""
     torch.manual_seed(seed)
     unet_cfg = unet_cfg or (TINY_SD2 if family == "sd2" else TINY_SD1)
     act, pad = ("gelu", "!") if family == "sd2" else ("quick_gelu", "<|endoftext|>")
@@ -96,6 +97,11 @@ def make_tiny_sd_repo(root, family: str = "sd2", unet_cfg: UNetConfig | None = N
     RefVAE(**TINY_VAE.to_diffusers()).save_pretrained(os.path.join(root, "vae"))
     CLIPTextModel(RefConfig(**clip)).save_pretrained(os.path.join(root, "text_encoder"))
     write_tokenizer(os.path.join(root, "tokenizer"), pad)
+    if prediction_type:
+        from diffusers import DDIMScheduler  # SD's own schedule: scaled linear from 0.00085 to 0.012
+        DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=False, prediction_type=prediction_type).save_pretrained(
+            os.path.join(root, "scheduler"))
     return root
 
 

@@ -6,8 +6,15 @@ over training seeds and its min..max, next to bicubic.
   python study.py results/study_x4.json                       # the table, to stdout
   python study.py results/study_x4.json --metric ssim
   python study.py results/guidance_w*.json --guidance-plot results/guidance.png   # w: sharpness vs PSNR
+  python study.py --variance assets/yonos_x2.pt assets/yonos_x4.pt --out results/variance_x4   # what distillation changes
 
 Models are grouped by their path with the seed folder's number replaced by '*' (runs/tiny_s*/x4.pt).
+
+--variance TEACHER STUDENT measures, per timestep bucket, on training crops, what scale distillation can change
+(README, "Why scale distillation can help"): how far the two regression targets are apart, omega_t ||z_h - g||^2
+with g the teacher's x0 (the part of the plain target's noise that distillation removes), and the variance of each
+objective's minibatch gradient at the same student weights (its trace: the mean squared distance of a minibatch's
+gradient from the mean gradient), next to the squared norm of that mean gradient. Writes OUT.json, OUT.txt, OUT.png.
 """
 import argparse
 import json
@@ -15,8 +22,9 @@ import re
 import sys
 
 import numpy as np
+import torch
 
-from files import write_atomic
+from files import check_outputs, json_text, write_atomic
 
 try:  # plots are optional
     import matplotlib
@@ -69,13 +77,86 @@ def guidance_plot(reports: list[dict], path: str) -> str:
                      [f"| {w:g} | {psnr:.2f} | {sharp:.3f} |" for w, psnr, sharp in points])
 
 
+BUCKETS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 900), (900, 1000)]
+
+
+def variance_study(teacher, student, data, batch: int = 8, draws: int = 16, seed: int = 0) -> list[dict]:
+    """Per timestep bucket: the targets' distance omega ||z_h - g||^2 and each objective's minibatch gradient
+    variance at the student's weights. The same crops, t and eps for both objectives in each draw."""
+    from yonos import predict_v, q_sample, weighted_x0_loss, x0_from_v
+    ac, s = student.alphas_cumprod, student.unet.config.lr_prior_std
+    params = [p for p in student.unet.parameters()]
+    student.unet.requires_grad_(True)
+    rows, k = [], 0
+    for lo, hi in BUCKETS:
+        dist, grads = [], {"plain": [], "distilled": []}
+        for d in range(draws):
+            items = [data[k + i] for i in range(batch)]
+            k += batch
+            g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            with torch.no_grad():
+                z_h, z_l, z_lt = (student.encode(torch.stack([it[key] for it in items])) for key in ("hr", "lr", "lr_teacher"))
+                t = torch.randint(lo, hi, (batch,), generator=g)
+                z_t = q_sample(z_h, t, torch.randn(z_h.shape, generator=g), ac)
+                target = x0_from_v(z_t, predict_v(teacher.unet, z_t, z_lt, t, teacher.context, ac), t, ac)
+                dist.append(float(weighted_x0_loss(target, z_h, t, ac, s)))
+            for name, goal in (("plain", z_h), ("distilled", target)):
+                x0 = x0_from_v(z_t, predict_v(student.unet, z_t, z_l, t, student.context, ac), t, ac)
+                grad = torch.autograd.grad(weighted_x0_loss(x0, goal, t, ac, s), params)
+                grads[name].append(torch.cat([q.flatten() for q in grad]))
+        row = {"t": [lo, hi], "target_distance": float(np.mean(dist))}
+        for name, gs in grads.items():
+            gs = torch.stack(gs)
+            mean = gs.mean(0)
+            row[f"grad_var_{name}"] = float(((gs - mean) ** 2).sum(1).mean())
+            row[f"grad_mean_sq_{name}"] = float((mean ** 2).sum())
+        rows.append(row)
+    return rows
+
+
+def variance_report(rows: list[dict], title: str) -> str:
+    lines = [f"{title}", "| t | omega ||z_h - g||^2 | gradient variance, plain | distilled | ratio | ||mean gradient||^2, "
+             "plain | distilled |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['t'][0]}..{r['t'][1] - 1} | {r['target_distance']:.4f} | {r['grad_var_plain']:.4g} | "
+                     f"{r['grad_var_distilled']:.4g} | {r['grad_var_plain'] / max(r['grad_var_distilled'], 1e-30):.2f} | "
+                     f"{r['grad_mean_sq_plain']:.4g} | {r['grad_mean_sq_distilled']:.4g} |")
+    return "\n".join(lines)
+
+
+def variance_plot(results: dict, path: str) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, rows) in enumerate(results.items()):
+        mid = [sum(r["t"]) / 2 for r in rows]
+        ax1.plot(mid, [r["target_distance"] for r in rows], "o-", color=f"C{i}", label=name)
+        ax2.plot(mid, [r["grad_var_plain"] for r in rows], "o--", color=f"C{i}", label=f"{name}: plain")
+        ax2.plot(mid, [r["grad_var_distilled"] for r in rows], "o-", color=f"C{i}", label=f"{name}: distilled")
+    ax1.set(xlabel="t", ylabel="omega_t ||z_h - g||^2", title="how far apart the two targets are", yscale="log")
+    ax2.set(xlabel="t", ylabel="trace of the gradient covariance", title="minibatch gradient variance", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", nargs="+", help="JSON reports written by eval.py")
+    p.add_argument("reports", nargs="*", help="JSON reports written by eval.py")
+    p.add_argument("--variance", nargs="+", default=[], metavar="CKPT", help="TEACHER STUDENT [TEACHER STUDENT ...]: "
+                   "the variance study of each pair (see above)")
+    p.add_argument("--data", default="photos/train", help="--variance: the crops' photos (default: photos/train)")
+    p.add_argument("--draws", type=int, default=16, help="--variance: minibatches per timestep bucket (default: 16)")
+    p.add_argument("--out", default="results/variance", help="--variance: writes OUT.json, OUT.txt, OUT.png")
     p.add_argument("--metric", default="psnr", help="psnr, ssim, sharpness, lpips (default: psnr)")
     p.add_argument("--guidance-plot", default="", help="draw w vs sharpness and PSNR from the reports into this PNG")
     args = p.parse_args(argv)
+    if args.variance:
+        return variance_main(args)
+    if not args.reports:
+        p.error("give eval.py reports, or --variance TEACHER STUDENT")
     try:
         reports = [json.load(open(path, encoding="utf-8")) for path in args.reports]
         if args.guidance_plot:
@@ -85,6 +166,35 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"study.py: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def variance_main(args) -> int:
+    from data import SRPairs
+    from yonos import YonosSR
+    try:
+        if len(args.variance) % 2 or args.draws < 2:
+            raise ValueError("--variance takes pairs TEACHER STUDENT, and --draws at least 2")
+        check_outputs([args.out + e for e in (".json", ".txt", ".png")], args.variance)
+        torch.manual_seed(0)
+        results, text = {}, []
+        for teacher_path, student_path in zip(args.variance[::2], args.variance[1::2]):
+            teacher, student = YonosSR.load(teacher_path), YonosSR.load(student_path)
+            if teacher.scale * 2 != student.scale:
+                raise ValueError(f"{teacher_path} is x{teacher.scale}, {student_path} x{student.scale}: not a pair")
+            data = SRPairs(args.data, student.meta.get("train_crop", 64), student.scale, teacher.scale, seed=12345,
+                           say=lambda m: None)
+            name = f"x{teacher.scale} -> x{student.scale}"
+            results[name] = variance_study(teacher, student, data, draws=args.draws)
+            text.append(variance_report(results[name], f"{name} ({teacher_path} -> {student_path})"))
+            print(text[-1] + "\n")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"study.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    write_atomic(args.out + ".json", json_text(results))
+    write_atomic(args.out + ".txt", "\n\n".join(text) + "\n")
+    if plt is not None:
+        variance_plot(results, args.out + ".png")
     return 0
 
 

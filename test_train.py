@@ -24,7 +24,7 @@ import upscale
 from conftest import (AC, HERE, TINY_SD2, make_hub_cache, photo, run_script, tiny_sr_unet, write_photos,
                       write_random_lpips)
 from data import SRPairs, degrade, to_tensor
-from model import add_guidance_embedding
+from model import add_guidance_embedding, add_lora, merged_state_dict
 from vae import AutoencoderKL
 from yonos import (DiffusionDiscriminator, YonosSR, alpha_sigma, discriminator_adversarial_loss,
                    generator_adversarial_loss, one_step_prediction, ddim_step, ddim_timesteps, drop_condition,
@@ -330,3 +330,170 @@ def test_make_tiny_recipe_runs_end_to_end_at_a_few_steps(tmp_path):
     report = json.load(open(tmp_path / "run" / "eval.json"))
     assert {e["steps"] for e in report["summary"]} == {0, 1, 2}
     assert watched == {p: os.path.getmtime(p) for p in watched}
+
+
+# -----------------------------------------------------------------------------
+# SD-size training on one consumer GPU: LoRA, gradient accumulation, EMA, fp16, the parameterisation read
+
+
+def test_a_fresh_lora_unet_is_bit_identical_to_its_base_and_merging_is_exact():
+    base = tiny_sr_unet(0).eval()
+    lora = copy.deepcopy(base)
+    params = add_lora(lora, rank=4)
+    x, t, ctx = torch.randn(2, 8, 16, 16), torch.tensor([3, 900]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(lora(x, t, ctx), base(x, t, ctx))  # B = 0: the adapters add exactly nothing
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+        merged = tiny_sr_unet(1).eval()
+        merged.load_state_dict(merged_state_dict(lora))  # the file format: the U-Net's own names, no adapters
+        assert (merged(x, t, ctx) - lora(x, t, ctx)).abs().max() < 1e-5
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or n.startswith("conv_in.") for n in trained)
+    assert any(n.startswith("conv_in.") for n in trained)
+
+
+def test_lora_training_changes_only_attention_projections_and_conv_in_and_resumes(tiny_chain, tmp_path):
+    """--lora-rank with scale distillation: the saved x4 differs from its x2 teacher only in the merged attention
+    projections and conv_in; .state holds only the adapters and conv_in; a resumed run ends where one run ends."""
+    kw = dict(data=str(tiny_chain / "photos"), val_data="", scale=4, teacher=str(tiny_chain / "x2.pt"), lora_rank=2,
+              lr=1e-2, save_every=2)
+    full = train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "full.pt"), steps=4, **kw))
+    train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "part.pt"), steps=2, **kw))
+    resumed = train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "part.pt"), steps=4, resume=True, **kw))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    teacher = YonosSR.load(str(tiny_chain / "x2.pt")).unet.state_dict()
+    student = YonosSR.load(str(tmp_path / "full.pt")).unet.state_dict()
+    changed = {k for k in teacher if not torch.equal(teacher[k], student[k])}
+    adapted = lambda k: k.startswith("conv_in.") or any(f".{n}.weight" in k for n in ("to_q", "to_k", "to_v", "to_out.0"))
+    assert changed and all(adapted(k) for k in changed) and any(k.startswith("conv_in.") for k in changed)
+    state = torch.load(tmp_path / "full.pt.state", weights_only=True)["model"]
+    assert all(".lora_" in k or k.startswith("conv_in.") for k in state)
+
+
+def test_grad_accum_2_with_batch_b_is_the_update_of_one_batch_of_2b(tiny_chain, tmp_path):
+    kw = dict(data=str(tiny_chain / "photos"), val_data="", scale=2, vae=str(tiny_chain / "vae.pt"), steps=2,
+              warmup=1, lr=1e-3)
+    one = train.main(tiny_cfg(tiny_chain, batch_size=4, out=str(tmp_path / "one.pt"), **kw)).unet.state_dict()
+    two = train.main(tiny_cfg(tiny_chain, batch_size=2, grad_accum=2, out=str(tmp_path / "two.pt"), **kw)).unet.state_dict()
+    start = train.new_sr_model(tiny_cfg(tiny_chain, **kw).resolve(), print, print).unet.state_dict()
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert moved > 1e-4  # it trained
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-3 * moved  # float rounding only
+    other = train.main(tiny_cfg(tiny_chain, batch_size=2, out=str(tmp_path / "b2.pt"), **kw)).unet.state_dict()
+    assert max(float((one[k] - other[k]).abs().max()) for k in one) > 0.01 * moved  # a batch of b is another update
+
+
+def test_ema_follows_its_formula_and_its_average_is_what_out_holds_and_resumes_exactly(tiny_chain, tmp_path):
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema, expect = train.EMA([p], 0.9), torch.zeros(3)
+    for step in range(5):
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.update([p], step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expect = d * expect + (1 - d) * p.detach()
+    assert torch.allclose(ema.shadow[0], expect)
+    kw = dict(data=str(tiny_chain / "photos"), val_data="", scale=2, vae=str(tiny_chain / "vae.pt"), ema=0.5, lr=1e-2,
+              save_every=2)
+    full = train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "full.pt"), steps=4, **kw))
+    train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "part.pt"), steps=2, **kw))
+    train.main(tiny_cfg(tiny_chain, out=str(tmp_path / "part.pt"), steps=4, resume=True, **kw))
+    saved = {n: YonosSR.load(str(tmp_path / f"{n}.pt")).unet.state_dict() for n in ("full", "part")}
+    assert all(torch.equal(saved["full"][k], saved["part"][k]) for k in saved["full"])
+    state = torch.load(tmp_path / "full.pt.state", weights_only=True)
+    raw = {k.removeprefix("unet."): v for k, v in state["model"].items()}
+    names = [n for n, q in full.unet.named_parameters()]
+    assert len(state["ema"]["shadow"]) == len(names)
+    assert all(torch.equal(saved["full"][n], e) for n, e in zip(names, state["ema"]["shadow"]))  # --out: the EMA
+    assert any(not torch.equal(raw[n], saved["full"][n]) for n in names)  # .state: the raw weights
+
+
+def test_fp16_with_a_gradscaler_runs_on_a_cpu_and_skips_a_step_with_inf_gradients(tiny_chain, tmp_path):
+    prec = train.Precision("fp16", torch.device("cpu"))
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    with prec.autocast():
+        loss = (w.half() * torch.tensor([1.0, 2, 3, float("inf")]).half()).sum()
+    prec.backward(loss)
+    scale = prec.scaler.get_scale()
+    norm = prec.step(opt, [w], 1.0)
+    assert not np.isfinite(norm) and torch.equal(w.detach(), torch.ones(4)) and prec.scaler.get_scale() < scale
+    model = train.main(tiny_cfg(tiny_chain, data=str(tiny_chain / "photos"), val_data="", scale=2, precision="fp16",
+                                vae=str(tiny_chain / "vae.pt"), out=str(tmp_path / "fp16.pt")))
+    assert all(torch.isfinite(q).all() for q in model.parameters())
+    assert "scaler" in torch.load(tmp_path / "fp16.pt.state", weights_only=True)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_x0_at_step_0_is_what_diffusers_derives_under_the_repos_own_prediction_type(prediction, tmp_path):
+    """An SD-layout repo whose scheduler says epsilon or v_prediction: at step 0 (conv_in widened with zeros), the x0
+    yonos derives at t = 100, 500, 999 equals diffusers' DDIMScheduler's pred_original_sample for the same U-Net."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from yonos import predict_v, x0_from_v
+    cache = make_hub_cache(tmp_path / "hub", "org/tiny-sd", "sd2", prediction_type=prediction)
+    os.environ["HF_HUB_CACHE"] = cache
+    try:
+        cfg = train.TrainConfig(pretrained="org/tiny-sd", quiet=True).resolve()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HF_HUB_OFFLINE", "1")
+            import huggingface_hub.constants as hc
+            mp.setattr(hc, "HF_HUB_OFFLINE", True)
+            mp.setattr(hc, "HF_HUB_CACHE", cache)
+            model = train.new_sr_model(cfg, print, print).eval()
+    finally:
+        del os.environ["HF_HUB_CACHE"]
+    snapshot = os.path.join(cache, "models--org--tiny-sd", "snapshots", os.listdir(os.path.join(
+        cache, "models--org--tiny-sd", "snapshots"))[0])
+    ref = UNet2DConditionModel.from_pretrained(snapshot, subfolder="unet").eval()
+    sched = DDIMScheduler.from_pretrained(snapshot, subfolder="scheduler")
+    sched.set_timesteps(1000)
+    assert model.unet.config.prediction_type == ("v" if prediction == "v_prediction" else "epsilon")
+    g = torch.Generator().manual_seed(0)
+    z_t, z_l = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    for t in (100, 500, 999):
+        tb = torch.tensor([t])
+        with torch.no_grad():
+            ours = x0_from_v(z_t, predict_v(model.unet, z_t, z_l, tb, model.context, model.alphas_cumprod), tb,
+                             model.alphas_cumprod)
+            out = ref(z_t, tb, encoder_hidden_states=model.context).sample
+        theirs = sched.step(out, t, z_t).pred_original_sample
+        assert (ours - theirs).abs().max() < 1e-4 * max(1.0, float(theirs.abs().max())), (prediction, t)
+
+
+def test_the_sd_path_with_lora_through_a_local_hub_cache(tmp_path):
+    cache = make_hub_cache(tmp_path / "hub", "org/tiny-sd", "sd2", prediction_type="v_prediction")
+    write_photos(tmp_path / "photos", size=40)
+    env = {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    common = ["--data", str(tmp_path / "photos"), "--crop", "32", "--batch-size", "2", "--steps", "2", "--quiet",
+              "--threads", "1", "--lora-rank", "4", "--grad-checkpointing", "--grad-accum", "2", "--ema", "0.9"]
+    for args in (["--pretrained", "org/tiny-sd", "--scale", "2", "--out", str(tmp_path / "x2.pt")],
+                 ["--teacher", str(tmp_path / "x2.pt"), "--scale", "4", "--out", str(tmp_path / "x4.pt")]):
+        r = run_script([os.path.join(HERE, "train.py"), *args, *common], env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    model = YonosSR.load(str(tmp_path / "x4.pt"))
+    assert model.unet.config.prediction_type == "v" and model.meta["lora_rank"] == 4 and model.scale == 4
+    assert upscale.upscale(photo(16, 16), model).size == (64, 64)
+
+
+# -----------------------------------------------------------------------------
+# the data: teacher and student LR from one degradation draw
+
+
+@pytest.mark.parametrize("kind", ["photo", "realesrgan"])
+def test_the_teachers_and_students_lr_come_from_one_degradation_draw(kind):
+    """degrade_lr: the student's LR (x4) is the teacher's (x2) resized, up to rounding: one blur, noise and JPEG
+    for both, as scale distillation's nesting needs; two separate draws are far apart."""
+    from data import degrade_lr, resize
+    hr = to_tensor(Image.fromarray(skdata.astronaut()[100:228, 180:308]))[None]
+    for seed in range(6):
+        student, teacher = degrade_lr(hr, [4, 2], kind, torch.Generator().manual_seed(seed))
+        assert student.shape[-1] == 32 and teacher.shape[-1] == 64
+        down = resize(teacher, (32, 32)).clamp(-1, 1)
+        other = degrade_lr(hr, [4], kind, torch.Generator().manual_seed(seed + 100))[0]
+        nested, apart = (down - student).pow(2).mean(), (other - student).pow(2).mean()
+        assert nested < 0.25 * apart or nested < 1e-4, (seed, float(nested), float(apart))
+    item = SRPairs(str(write_photos(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nest_{kind}"), n=2, size=96)),
+                   64, 4, 2, kind, seed=0, say=lambda m: None)[3]
+    assert set(item) == {"hr", "lr", "lr_teacher"}

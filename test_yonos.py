@@ -7,6 +7,7 @@ test_hostile.py. CPU only, offline, tiny configs; slow checks are marked `slow` 
 import copy
 import json
 import os
+import subprocess
 import sys
 import warnings
 
@@ -390,3 +391,33 @@ def test_course_build_blanks_regions_keeps_line_numbers_and_refuses_bad_markers(
         with pytest.raises(ValueError, match=words) as e:
             blank_out(bad, "m.py", {"ddim"} if words != "not a task" else {"schedule"})
         assert "\n" not in str(e.value)
+
+
+def test_every_course_task_accepts_a_second_correct_implementation():
+    """course/test_tasks.py with COURSE_ALTERNATIVE=1: each task's tests run on an implementation written
+    differently from the solution (the timestep embedding as 1 / P ** (i / half) with torch.outer, the wavelet as two
+    1-D passes, ...); all must pass, or a test accepts only the solution's exact arithmetic."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.join(HERE, "course", "test_tasks.py")], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "COURSE_ALTERNATIVE": "1"}, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
+
+
+def test_walkthrough_notebook_runs_headless_and_is_stored_without_outputs(tmp_path):
+    """walkthrough.ipynb, every cell, in a fresh kernel (nbclient), on small photos the test makes; any cell's error
+    fails the test. Stored without outputs, so its diff is the code."""
+    import nbformat
+    from nbclient import NotebookClient
+    from conftest import write_photos
+    path = os.path.join(HERE, "walkthrough.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    photos = write_photos(tmp_path / "photos", n=4, size=160)
+    os.environ.update(YONOS_PHOTOS=photos, YONOS_WALKTHROUGH_STEPS="20", MPLBACKEND="Agg")
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    finally:
+        for k in ("YONOS_PHOTOS", "YONOS_WALKTHROUGH_STEPS", "MPLBACKEND"):
+            os.environ.pop(k)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "U-Net parameters" in text and "distilled: mean" in text and "in 20 steps" in text

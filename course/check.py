@@ -4,7 +4,9 @@ CI's check of the course pack (course/README.md):
   2. a student copy built by course/build.py imports, scores 0 on every task, and building it again from
      itself changes nothing (idempotent);
   3. in the student copy, every other test of the suite either passes or fails only because some task raises
-     its NotImplementedError: the blanks break nothing else.
+     its NotImplementedError: the blanks break nothing else;
+  4. every task's tests pass on a second correct implementation written differently from the solution
+     (COURSE_ALTERNATIVE=1, test_tasks.ALTERNATIVES): the tests grade the property, not the solution's arithmetic.
 
   python course/check.py        # exit 0 when all hold; a line per failed point otherwise
 """
@@ -43,6 +45,12 @@ def main() -> int:
     if solution["score"] != solution["max_score"]:
         problems.append(f"the solution scores {solution['score']} of {solution['max_score']}")
     print(f"solution: {solution['score']:g} / {solution['max_score']}")
+    alternative = subprocess.run([sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "course", "test_tasks.py")],
+                                 cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COURSE_ALTERNATIVE": "1"})
+    print(f"second implementations: {alternative.stdout.strip().splitlines()[-1]}")
+    if alternative.returncode:
+        problems.append("a second correct implementation fails a task's tests: " +
+                        ", ".join(line.split("::")[-1] for line in alternative.stdout.splitlines() if "FAILED" in line))
     names = tasks_in_readme()
     with tempfile.TemporaryDirectory() as tmp:
         copy, again = os.path.join(tmp, "student"), os.path.join(tmp, "again")

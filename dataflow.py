@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from data import degrade_lr, open_image, to_tensor, upsample
-from files import check_outputs, write_atomic
+from files import check_outputs, write_figure
 from yonos import YonosSR, ddim_sample, predict_v, q_sample, weighted_x0_loss, x0_from_v
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,8 +103,7 @@ def draw(f: dict, path: str) -> None:
              "4. sampling: z_T -> x0 = alpha_999 z_T - sigma_999 v(z_T, z_l), one step -> VAE decoder (yonos.ddim_sample)"]
     for ax_row, note in zip(axes, notes):
         fig.text(0.01, ax_row[0].get_position().y1 + 0.032, note, fontsize=10.5, fontweight="bold")
-    write_atomic(path, lambda out: fig.savefig(out, format="png"))
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def main(argv=None) -> int:

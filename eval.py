@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data import bicubic_lr, list_images, open_image, to_image, to_tensor, upsample, web_lr
-from files import check_outputs, json_text, read_checkpoint, write_atomic
+from files import check_outputs, json_text, read_checkpoint, write_atomic, write_figure
 from metrics import LPIPS, InceptionV3, blockiness, frechet_distance, gradient_energy, psnr_y, ssim_y
 from upscale import tile_settings, upscale
 from vae import AutoencoderKL
@@ -246,8 +246,7 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    write_figure(path, fig)
     return True
 
 

@@ -138,6 +138,14 @@ def write_png(f, width: int, height: int, rows, icc: bytes | None = None) -> Non
     f.write(chunk(b"IDAT", z.flush()) + chunk(b"IEND", b""))
 
 
+def write_figure(path: str, fig) -> None:
+    """A matplotlib figure as a PNG, atomically, then closed (so a long script does not collect open figures)."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    fig.clf()
+    import matplotlib.pyplot as plt  # only where a figure exists, matplotlib is imported already
+    plt.close(fig)
+
+
 def remove_stale_temps(path: str) -> list[str]:
     """Removes temp files that a killed writer of `path` left behind (.<name>.*.tmp); returns their paths."""
     stale = glob.glob(glob.escape(temp_prefix(path)) + "*.tmp")
@@ -277,10 +285,12 @@ def check_positive_ints(name: str, top: int = 65536, **values) -> None:
                 raise ValueError(f"{name}.{key} must hold whole numbers in 1..{top}, not {v!r}")
 
 
-# the "meta" fields of a model file: (type, smallest, largest). Unknown fields are kept but never read.
+# the "meta" fields of a model file: (type, smallest, largest). Unknown fields are kept but never read. A file's own
+# sampling_steps is what sample.py does by default: a distilled model samples in a few steps, so a header asking for
+# more than 100 is damaged or forged (an explicit --steps may still ask for up to 1000)
 META_FIELDS = {"stage": (str,), "init": (str,), "teacher": (str,), "degradation": (str,), "step": (int, 0, 10 ** 12),
                "train_crop": (int, 1, 65536), "tile": (int, 1, 65536), "teacher_scale": (int, 1, 64),
-               "init_scale": (int, 1, 64), "sampling_steps": (int, 1, 1000), "teacher_steps": (int, 2, 1000),
+               "init_scale": (int, 1, 64), "sampling_steps": (int, 1, 100), "teacher_steps": (int, 2, 1000),
                "w_max": (float, 0.0, 1e3), "cond_drop": (float, 0.0, 1.0), "ema": (float, 0.0, 1.0),
                "lora_rank": (int, 0, 65536)}
 

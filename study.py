@@ -7,6 +7,7 @@ over training seeds and its min..max, next to bicubic.
   python study.py results/study_x4.json --metric ssim
   python study.py results/guidance_w*.json --guidance-plot results/guidance.png   # w: sharpness vs PSNR
   python study.py --variance assets/yonos_x2.pt assets/yonos_x4.pt --out results/variance_x4   # what distillation changes
+  python study.py --fair results/distill_fair   # the fair test's table, learning curves and verdict (experiments.sh)
 
 Models are grouped by their path with the seed folder's number replaced by '*' (runs/tiny_s*/x4.pt).
 
@@ -24,7 +25,7 @@ import sys
 import numpy as np
 import torch
 
-from files import check_outputs, json_text, write_atomic
+from files import check_outputs, json_text, write_atomic, write_figure
 
 try:  # plots are optional
     import matplotlib
@@ -35,7 +36,8 @@ except ImportError:
 
 
 def group(model: str) -> str:
-    return re.sub(r"_s\d+(?=/)", "_s*", model)
+    """runs/tiny_s1/x4.pt -> runs/tiny_s*/x4.pt, runs/fair/s2/x4.pt -> runs/fair/s*/x4.pt: one row per recipe."""
+    return re.sub(r"(?<=[_/])s\d+(?=/)", "s*", model)
 
 
 def study_table(report: dict, metric: str = "psnr") -> str:
@@ -71,10 +73,106 @@ def guidance_plot(reports: list[dict], path: str) -> str:
         ax.set(xlabel="sharpness (gradient energy / HR's)", ylabel="PSNR (Y channel)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        write_atomic(path, lambda f: fig.savefig(f, format="png"))
-        plt.close(fig)
+        write_figure(path, fig)
     return "\n".join(["| w | PSNR | sharpness |", "|---|---|---|"] +
                      [f"| {w:g} | {psnr:.2f} | {sharp:.3f} |" for w, psnr, sharp in points])
+
+
+ARMS = {"x4_distilled": "(a) scale distillation from x2", "x4_plain_from_x2": "(b) plain objective from the x2's "
+        "weights", "x4_plain_scratch": "(c) plain objective from scratch"}
+
+
+def arm_of(model: str) -> str | None:
+    return next((a for a in ARMS if f"/{a}.pt" in model or model.startswith(f"{a}.pt")), None)
+
+
+def fair_summary(prefix: str) -> tuple[dict, str]:
+    """The fair test (experiments.sh part fair) from its reports: PREFIX_whole.json (one step, the held-out photos
+    whole), PREFIX_steps.json (DDIM 1..64 on their 128-px centre crops), PREFIX_teacher.json (the x2 teacher and
+    bicubic x2 on photos/val and photos/test) and the runs' logs in PREFIX_logs/s*/ (validation PSNR along the way).
+    Per arm: the mean over training seeds and its min..max."""
+    load = lambda name: json.load(open(f"{prefix}_{name}.json", encoding="utf-8"))
+    whole, steps, teacher = load("whole"), load("steps"), load("teacher")
+    out = {"arms": ARMS, "teacher": {}, "one_step_whole": {}, "steps_crops": {}, "curves": {}}
+    for e in teacher["summary"]:
+        out["teacher"][f"{e['model']} on {e.get('input', '')}".strip()] = e["psnr"]
+    for key, report in (("one_step_whole", whole), ("steps_crops", steps)):
+        per = {}
+        for e in report["summary"]:
+            arm = "bicubic" if e["model"] == "bicubic" else arm_of(e["model"])
+            if arm:
+                per.setdefault(arm, {}).setdefault(e["steps"], []).append({m: e[m] for m in ("psnr", "ssim")})
+        out[key] = {arm: {n: {m: [v[m] for v in vals] for m in ("psnr", "ssim")} for n, vals in by.items()}
+                    for arm, by in per.items()}
+    import glob
+    for arm in ARMS:
+        curves = []
+        for log in sorted(glob.glob(f"{prefix}_logs/s*/{arm}.pt.log.jsonl")):
+            rows = [json.loads(line) for line in open(log, encoding="utf-8") if "val_psnr" in line]
+            curves.append({r["step"]: r["val_psnr"] for r in rows})
+            if rows:
+                out["val_bicubic"] = rows[0].get("val_psnr_bicubic")
+        if curves:
+            common = sorted(set.intersection(*(set(c) for c in curves)))
+            out["curves"][arm] = {s: [c[s] for c in curves] for s in common}
+    fmt = lambda v: f"{np.mean(v):.2f} ({min(v):.2f}..{max(v):.2f})" if len(v) > 1 else f"{v[0]:.2f}"
+    lines = ["The x2 teacher against bicubic x2 (one step, whole photos, PSNR-Y):", ""]
+    lines += [f"- {k}: {v:.2f}" for k, v in out["teacher"].items()]
+    lines += ["", "One step, the 14 held-out photos whole, default settings: PSNR-Y / SSIM-Y, mean over training seeds "
+              "(min..max):", "", "| x4 | seeds | PSNR | SSIM |", "|---|---|---|---|"]
+    for arm, by in out["one_step_whole"].items():
+        v = by[1] if 1 in by else by[0]
+        lines.append(f"| {ARMS.get(arm, arm)} | {len(v['psnr'])} | {fmt(v['psnr'])} | {fmt(v['ssim'])} |")
+    ns = sorted({n for by in out["steps_crops"].values() for n in by if n})
+    lines += ["", "DDIM steps, 128-px centre crops of the held-out photos, raw output: PSNR-Y, mean over seeds "
+              "(min..max):", "", "| x4 | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in ns) + " |",
+              "|---|" + "---|" * len(ns)]
+    for arm, by in out["steps_crops"].items():
+        cells = [fmt(by[n]["psnr"]) if n in by else fmt(by[0]["psnr"]) for n in ns]
+        lines.append(f"| {ARMS.get(arm, arm)} | " + " | ".join(cells) + " |")
+    if out["curves"]:
+        steps_logged = sorted({s for arm in ARMS for s in out["curves"].get(arm, {})})
+        lines += ["", f"Validation PSNR-Y along the way (photos/val centre crops; bicubic {out.get('val_bicubic') or 0:.2f}), "
+                  "mean over seeds:", "",
+                  "| x4 | " + " | ".join(str(s) for s in steps_logged) + " |", "|---|" + "---|" * len(steps_logged)]
+        for arm in ARMS:
+            c = out["curves"].get(arm, {})
+            lines.append(f"| {ARMS[arm]} | " + " | ".join(f"{np.mean(c[s]):.2f}" if s in c else "" for s in steps_logged)
+                         + " |")
+    return out, "\n".join(lines)
+
+
+def fair_plot(out: dict, path: str) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, arm in enumerate(ARMS):
+        c = out["curves"].get(arm, {})
+        if c:
+            st = sorted(c)
+            ax1.plot(st, [np.mean(c[s]) for s in st], "o-", color=f"C{i}", label=ARMS[arm])
+            ax1.fill_between(st, [min(c[s]) for s in st], [max(c[s]) for s in st], color=f"C{i}", alpha=0.15)
+        by = out["steps_crops"].get(arm, {})
+        ns = sorted(n for n in by if n)
+        if ns:
+            ax2.errorbar(ns, [np.mean(by[n]["psnr"]) for n in ns],
+                         yerr=[[np.mean(by[n]["psnr"]) - min(by[n]["psnr"]) for n in ns],
+                               [max(by[n]["psnr"]) - np.mean(by[n]["psnr"]) for n in ns]],
+                         marker="o", capsize=3, color=f"C{i}", label=ARMS[arm])
+    bic = out["steps_crops"].get("bicubic", {})
+    if bic:
+        ax2.axhline(np.mean(next(iter(bic.values()))["psnr"]), color="gray", linestyle="--", label="bicubic")
+    if out.get("val_bicubic"):
+        ax1.axhline(out["val_bicubic"], color="gray", linestyle="--", label="bicubic")
+    ax1.set(xlabel="training step", ylabel="validation PSNR-Y (dB)", title="learning curves (min..max shaded)")
+    ax2.set(xscale="log", xlabel="DDIM steps", ylabel="PSNR-Y (dB)", title="held-out crops, by sampling steps")
+    finish(fig, (ax1, ax2), path)
+
+
+def finish(fig, axes, path: str) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_figure(path, fig)
 
 
 BUCKETS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 900), (900, 1000)]
@@ -133,12 +231,7 @@ def variance_plot(results: dict, path: str) -> None:
         ax2.plot(mid, [r["grad_var_distilled"] for r in rows], "o-", color=f"C{i}", label=f"{name}: distilled")
     ax1.set(xlabel="t", ylabel="omega_t ||z_h - g||^2", title="how far apart the two targets are", yscale="log")
     ax2.set(xlabel="t", ylabel="trace of the gradient covariance", title="minibatch gradient variance", yscale="log")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    finish(fig, (ax1, ax2), path)
 
 
 def main(argv=None) -> int:
@@ -147,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("reports", nargs="*", help="JSON reports written by eval.py")
     p.add_argument("--variance", nargs="+", default=[], metavar="CKPT", help="TEACHER STUDENT [TEACHER STUDENT ...]: "
                    "the variance study of each pair (see above)")
+    p.add_argument("--fair", default="", metavar="PREFIX", help="summarise the fair test from PREFIX_whole.json, "
+                   "PREFIX_steps.json, PREFIX_teacher.json and PREFIX_logs/ into PREFIX.json, PREFIX.txt, PREFIX.png")
     p.add_argument("--data", default="photos/train", help="--variance: the crops' photos (default: photos/train)")
     p.add_argument("--draws", type=int, default=16, help="--variance: minibatches per timestep bucket (default: 16)")
     p.add_argument("--out", default="results/variance", help="--variance: writes OUT.json, OUT.txt, OUT.png")
@@ -155,11 +250,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.variance:
         return variance_main(args)
+    if args.fair:
+        try:
+            out, text = fair_summary(args.fair)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"study.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        print(text)
+        write_atomic(args.fair + ".json", json_text(out))
+        write_atomic(args.fair + ".txt", text + "\n")
+        if plt is not None:
+            fair_plot(out, args.fair + ".png")
+        return 0
     if not args.reports:
         p.error("give eval.py reports, or --variance TEACHER STUDENT")
     try:
         reports = [json.load(open(path, encoding="utf-8")) for path in args.reports]
         if args.guidance_plot:
+            check_outputs([args.guidance_plot], args.reports)
             print(guidance_plot(reports, args.guidance_plot))
         else:
             print("\n\n".join(study_table(report, args.metric) for report in reports))

@@ -630,7 +630,7 @@ def test_eval_json_is_standard_json_even_for_a_perfect_score(tmp_path, random_ck
      "integer or bool"),
     ("bool_context", lambda t, h: t.__setitem__("context", t["context"] > 0), "context"),
     ("steps_float", lambda t, h: h.setdefault("meta", {}).__setitem__("sampling_steps", 2.5), "sampling_steps"),
-    ("steps_huge", lambda t, h: h.setdefault("meta", {}).__setitem__("sampling_steps", 10 ** 6), "sampling_steps"),
+    ("steps_huge", lambda t, h: h.setdefault("meta", {}).__setitem__("sampling_steps", 1000), "sampling_steps"),
     ("w_max_string", lambda t, h: h.setdefault("meta", {}).__setitem__("w_max", "4"), "w_max"),
     ("layers_huge", lambda t, h: h["unet"].__setitem__("layers_per_block", 65536), "at most"),
     ("levels_many", lambda t, h: h["vae"].__setitem__("block_out_channels", [32] * 40), "block_out_channels"),

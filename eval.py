@@ -250,23 +250,30 @@ def plot(summary: list[dict], path: str, metric: str = "psnr") -> bool:
     return True
 
 
-def figure(models: list[YonosSR], image: str, path: str, box: int = 96, steps: int = 1, fix_colors: bool = True):
+def figure(models: list[YonosSR], image: str, path: str, box: int = 96, steps: int = 1, fix_colors: bool = True,
+           jpeg: int = 0, noise: float = 0.0, one_row: bool = False, names: list[str] | None = None):
     """One row per model: LR input | bicubic | yonos | HR on a centre crop of `image` (`box` LR pixels of the x4
-    row a side, the same HR region in every row), with the Y-PSNR of the crop under bicubic and yonos."""
+    row a side, the same HR region in every row), with the Y-PSNR of the crop under bicubic and yonos. With
+    `one_row` (models of one scale): LR | bicubic | each model | HR. `jpeg`/`noise`: the LR degraded as --lr-jpeg and
+    --lr-noise do."""
     rows = []
-    for model in models:
+    for k, model in enumerate(models):
         s = model.scale
-        hr, lr = prepare(image, s)
+        hr, lr = prepare(image, s, jpeg=jpeg, noise=noise)
         b = min(box * 4 // s, lr.width, lr.height)
         left, top = (lr.width - b) // 2, (lr.height - b) // 2
         lr, hr = lr.crop((left, top, left + b, top + b)), Image.fromarray(hr).crop((left * s, top * s, (left + b) * s,
                                                                                      (top + b) * s))
         bic, sr = bicubic_up(lr, s), np.asarray(upscale(lr, model, steps=steps, fix_colors=fix_colors))
         db = lambda x: f"{psnr_y(x, np.asarray(hr), s):.2f} dB"
-        rows.append([(f"x{s} LR input (nearest)", lr.resize(hr.size, Image.NEAREST)), (f"bicubic, {db(bic)}", bic),
-                     (f"yonos, {steps} step, {db(sr)}", sr), ("HR", hr)])
-    w, pad = max(r[3][1].width for r in rows), 24
-    canvas = Image.new("RGB", (4 * w + 12, len(rows) * (w + pad)), "white")
+        kind = f", JPEG q{jpeg}" * bool(jpeg) + f", noise {noise:g}" * bool(noise)
+        name = names[k] if names else "yonos"
+        rows.append([(f"x{s} LR input{kind}", lr.resize(hr.size, Image.NEAREST)), (f"bicubic, {db(bic)}", bic),
+                     (f"{name}, {steps} step, {db(sr)}", sr), ("HR", hr)])
+    if one_row:
+        rows = [rows[0][:2] + [r[2] for r in rows] + rows[0][3:]]
+    w, pad = max(r[-1][1].width for r in rows), 24
+    canvas = Image.new("RGB", (len(rows[0]) * (w + 4) - 4, len(rows) * (w + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(rows):
         for i, (label, img) in enumerate(row):
@@ -301,6 +308,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight, as sample.py")
     p.add_argument("--crop", type=int, default=0, help="evaluate on a centre crop of N HR pixels (default: whole)")
     p.add_argument("--figure", default="", help="instead: LR | bicubic | yonos | HR of --data's first image, a row each")
+    p.add_argument("--figure-row", action="store_true", help="with --figure, models of one scale: one row, LR | bicubic "
+                   "| each model | HR (the LR degraded by --lr-jpeg/--lr-noise if given)")
+    p.add_argument("--figure-image", default="", help="with --figure: this image of --data instead of the first")
     p.add_argument("--threads", type=number, default=None, help="CPU threads (default: what torch picks)")
     p.add_argument("--out", default="runs/eval/eval", help="writes OUT.json, OUT.csv, OUT.png (default: runs/eval/eval)")
     args = p.parse_args(argv)
@@ -340,7 +350,15 @@ def main(argv=None) -> int:
         if args.figure:
             if not all(isinstance(m, YonosSR) for m in models.values()):
                 raise ValueError("--figure needs SR models, not VAE files")
-            figure(list(models.values()), files[0], args.figure, steps=steps[0], fix_colors=args.color_fix)
+            if args.figure_row and len({m.scale for m in models.values()}) > 1:
+                raise ValueError("--figure-row needs models of one scale")
+            image = next((f for f in files if os.path.basename(f) == args.figure_image), None) if args.figure_image \
+                else files[0]
+            if image is None:
+                raise ValueError(f"--figure-image {args.figure_image}: not in {args.data}")
+            figure(list(models.values()), image, args.figure, steps=steps[0], fix_colors=args.color_fix,
+                   jpeg=args.lr_jpeg, noise=args.lr_noise, one_row=args.figure_row,
+                   names=list(models) if args.figure_row else None)
             return print(f"wrote {args.figure}") or 0
         os.makedirs(folder := os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if not os.access(folder, os.W_OK):

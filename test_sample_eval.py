@@ -5,6 +5,7 @@ models' lack of periodic patterns, and the measuring scripts bench.py and study.
 test_train.py, the library in test_yonos.py. CPU only, offline, tiny configs; slow checks are marked `slow` and run
 only with `pytest -m slow`.
 """
+import shutil
 import json
 import os
 import subprocess
@@ -334,6 +335,13 @@ def test_eval_reports_table_files_and_plot(tmp_path, random_ckpt, capsys):
     assert Image.open(tmp_path / "res.png").size[0] > 100
     code = ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--figure", str(tmp_path / "fig.png")])
     assert code == 0 and Image.open(tmp_path / "fig.png").size == (4 * 36 + 3 * 4, 36 + 24)  # 4 panels of 9*4 px
+    # one row of two models on a JPEG input: LR | bicubic | model | model | HR, the named image
+    shutil.copy(random_ckpt, twin := str(tmp_path / "twin_x4.pt"))
+    code = ev.main([random_ckpt, twin, "--data", str(tmp_path / "hr"), "--figure", str(tmp_path / "row.png"),
+                    "--figure-row", "--figure-image", "1.png", "--lr-jpeg", "50"])
+    assert code == 0 and Image.open(tmp_path / "row.png").size == (5 * 36 + 4 * 4, 36 + 24)
+    assert ev.main([random_ckpt, "--data", str(tmp_path / "hr"), "--figure", str(tmp_path / "x.png"),
+                    "--figure-image", "nope.png"]) != 0
 
 
 def test_color_fix_removes_a_colour_cast_and_keeps_detail():

@@ -371,9 +371,9 @@ def bench_memory(args, device: torch.device) -> dict:
     import sys
     from runtime import available_memory
     rows = []
-    for stage in ("x2", "x4"):
-        for lora in (0, 16):
-            for checkpointing in (False, True):
+    for stage in args.stages.split(","):
+        for lora in map(int, args.lora_ranks.split(",")):
+            for checkpointing in [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]:
                 for batch in map(int, args.train_batch.split(",")):
                     job = dict(stage=stage, lora=lora, checkpointing=checkpointing, batch=batch, crop=args.train_crop,
                                device=str(device), config=args.train_config)
@@ -415,8 +415,19 @@ def main(argv=None) -> dict:
                    help="model size for --train (default: sd, i.e. SD 2.1-base's U-Net and the SD VAE)")
     p.add_argument("--train-crop", type=int, default=512, help="HR crop side for --train (default: 512)")
     p.add_argument("--train-batch", default="4,8", help="batch sizes for --train (default: 4,8; give 1,4 for --memory)")
+    p.add_argument("--stages", default="x2,x4", help="--memory: x2 (plain), x4 (distillation) or both (default)")
+    p.add_argument("--lora-ranks", default="0,16", help="--memory: 0 = full fine-tuning (default: 0,16)")
+    p.add_argument("--checkpointing", default="off,on", help="--memory: gradient checkpointing off, on or both "
+                   "(default: off,on)")
     p.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = p.parse_args(argv)
+    lists = {"--stages": (args.stages, {"x2", "x4"}), "--checkpointing": (args.checkpointing, {"off", "on"}),
+             "--lora-ranks": (args.lora_ranks, None), "--train-batch": (args.train_batch, None)}
+    for flag, (value, allowed) in lists.items():
+        items = value.split(",")
+        if not all(i in allowed if allowed else i.isdigit() and (int(i) > 0 or flag == "--lora-ranks") for i in items):
+            raise SystemExit(f"bench.py: error: {flag} {value}: a comma-separated list of "
+                             + (", ".join(sorted(allowed)) if allowed else "whole numbers"))
     if args.data:
         res = bench_data(args)
     elif args.upscale:

@@ -2,7 +2,8 @@
 # Everything in the README's "Results", from scratch: the shipped models and every study, with the commands that
 # made them. Hours on a 2-core CPU; DEVICE=cuda runs the training on a GPU.
 #   bash experiments.sh [RUN_DIR]                       all parts, into RUN_DIR (default runs) and results/
-#   PARTS="ship chain" bash experiments.sh              some parts: ship, chain, study, distill, d3sr, results
+#   PARTS="ship chain" bash experiments.sh              some parts: ship, chain, study, distill, d3sr, fair, real,
+#                                                       variance, results
 # Parts (default: all; the README gives the time each took here):
 #   ship     the shipped models: the small presets' chain VAE -> x2 -> x4 -> x8 (scale distillation, 1,200, 1,200
 #            and 2,000 steps) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
@@ -17,13 +18,18 @@
 #            (a strong teacher), x4 by (a) scale distillation, (b) the plain objective from the same x2 weights, (c) the
 #            plain objective from scratch; FAIR_STEPS (default 1,200) student steps each, per training seed, with
 #            validation PSNR every 100 steps; then scored on the held-out photos at DDIM 1-64 (results/distill_fair.*)
+#   real     the real-photo x4 (sample.py --real): x2 from the shipped x2 and x4 distilled from it, both on the photo
+#            degradation chain (data.photo_chain, teacher and student LR from one draw), a decoder fine-tune, written
+#            to assets/yonos_x4_real.pt; scored with the clean x4 under eval.py's web protocol (results/real_x4.*)
+#   variance where distillation can help: the two targets' distance and the two gradients' variance per timestep,
+#            for the shipped x2 -> x4 and x4 -> x8 pairs (results/variance.*)
 #   results  every evaluation on the held-out photos (photos/test) into results/, the figure, the example image
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 RUN=${1:-runs}
 DEVICE=${DEVICE:-auto}
-PARTS=${PARTS:-ship chain study distill d3sr fair results}
+PARTS=${PARTS:-ship chain study distill d3sr fair real variance results}
 SEEDS=${SEEDS:-0 1 2}
 [ -d photos/train ] || $PY data.py --export-photos photos
 mkdir -p "$RUN" results
@@ -114,6 +120,31 @@ if has fair; then   # the same student steps for each arm; the teacher exists al
   for seed in $SEEDS; do mkdir -p results/distill_fair_logs/s$seed; cp "$F"/s$seed/*.log.jsonl results/distill_fair_logs/s$seed/; done
   $PY study.py --fair results/distill_fair
   stamp "fair: evaluated"
+fi
+
+if has real; then   # the real-photo x4: the same chain as the shipped one on data.photo_chain, from the shipped x2
+  R="$RUN/real"
+  mkdir -p "$R"
+  C="--config small --crop 64 --batch-size 8 --val-every 100 --save-every 100 --log-every 20 --threads 1 --degradation photo"
+  $T $C --scale 2 --init assets/yonos_x2.pt --steps 1200 --out "$R/x2.pt"
+  $T $C --scale 4 --teacher "$R/x2.pt" --steps 1200 --out "$R/x4.pt"
+  $T $C --stage decoder --unet "$R/x4.pt" --lr 2e-4 --warmup 50 --steps 300 --out "$R/x4_dec.pt"
+  $PY -c "import sys, torch; from yonos import YonosSR; m = YonosSR.load(sys.argv[1]); m.meta.update(tile=32, \
+degradation='photo'); m.save(sys.argv[2], torch.float16)" "$R/x4_dec.pt" assets/yonos_x4_real.pt
+  stamp "real: x2, x4, decoder"
+  for d in val test; do   # val: the split the recipe was chosen on; test: held out, reported
+    $PY eval.py assets/yonos_x4.pt assets/yonos_x4_real.pt --protocol web --data photos/$d --threads 1 \
+      --out results/real_x4_$d > results/real_x4_$d.txt
+  done
+  $PY eval.py assets/yonos_x4.pt assets/yonos_x4_real.pt --data photos/test --figure assets/figure_real.png \
+    --figure-row --figure-image flower.png --lr-jpeg 50 --lr-noise 2
+  stamp "real: evaluated"
+fi
+
+if has variance; then   # the shipped pairs at the shipped students' weights, 16 draws a timestep bucket
+  $PY study.py --variance assets/yonos_x2.pt assets/yonos_x4.pt assets/yonos_x4.pt assets/yonos_x8.pt --draws 16 \
+    --out results/variance > results/variance.txt
+  stamp "variance"
 fi
 
 if has study; then

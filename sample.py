@@ -36,7 +36,7 @@ from yonos import YonosSR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = {s: os.path.join(HERE, "assets", f"yonos_x{s}.pt") for s in (2, 4, 8)}
-SHIPPED_REAL = {s: os.path.join(HERE, "assets", f"yonos_x{s}_real.pt") for s in (2, 4)}
+SHIPPED_REAL = {s: os.path.join(HERE, "assets", f"yonos_x{s}_real.pt") for s in (4,)}
 WRITERS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
            ".tiff": "TIFF"}
 SEED_MAX = 2 ** 31 - 1

@@ -8,6 +8,7 @@ over training seeds and its min..max, next to bicubic.
   python study.py results/guidance_w*.json --guidance-plot results/guidance.png   # w: sharpness vs PSNR
   python study.py --variance assets/yonos_x2.pt assets/yonos_x4.pt --out results/variance_x4   # what distillation changes
   python study.py --fair results/distill_fair   # the fair test's table, learning curves and verdict (experiments.sh)
+  python study.py --guided runs/guided/x2_cfg.pt runs/guided/x2_guided.pt --out results/guided_w   # the student by w
 
 Models are grouped by their path with the seed folder's number replaced by '*' (runs/tiny_s*/x4.pt).
 
@@ -16,6 +17,11 @@ Models are grouped by their path with the seed folder's number replaced by '*' (
 with g the teacher's x0 (the part of the plain target's noise that distillation removes), and the variance of each
 objective's minibatch gradient at the same student weights (its trace: the mean squared distance of a minibatch's
 gradient from the mean gradient), next to the squared norm of that mean gradient. Writes OUT.json, OUT.txt, OUT.png.
+
+--guided TEACHER STUDENT scores a guided-distilled student against its classifier-free-guided teacher for each w
+(one step, --data's 128-px centre crops, one noise draw for all): the teacher guided with w (two calls), the
+student given w, the student with its guidance embedding's value at w = 0 subtracted (so at w = 0 it runs without
+it), and how far the student is from its target (the teacher's guided output). Writes OUT.json, OUT.txt.
 """
 import argparse
 import json
@@ -234,6 +240,42 @@ def variance_plot(results: dict, path: str) -> None:
     finish(fig, (ax1, ax2), path)
 
 
+def guided_study(teacher, student, paths: list[str], ws=(0.0, 0.5, 1.0, 2.0, 4.0), crop: int = 128) -> list[dict]:
+    """Per w: PSNR-Y against HR of the teacher guided with w, of the student, of the student without its guidance
+    embedding's offset at w = 0, and the student's PSNR against the teacher's output (its distillation target).
+    Raw outputs (no colour fix), one step, the same noise for all (upscale's seed 0)."""
+    import copy
+    from eval import prepare
+    from metrics import psnr_y
+    from model import timestep_embedding
+    from upscale import upscale
+    centred = copy.deepcopy(student)
+    emb, c0 = centred.unet.guidance_embedding, centred.unet.config.block_out_channels[0]
+    with torch.no_grad():  # G(w) - G(0): the same layers, the constant G(0) taken off linear_2's bias
+        emb.linear_2.bias -= emb.linear_2(torch.nn.functional.silu(emb.linear_1(timestep_embedding(torch.zeros(1), c0))))[0]
+    crops = [prepare(path, teacher.scale, crop=crop) for path in paths]
+    run = lambda model, lr, w: np.asarray(upscale(lr, model, fix_colors=False, guidance=w))
+    rows = []
+    for w in ws:
+        row = {"teacher": [], "student": [], "student_centred": [], "student_vs_teacher": []}
+        for hr, lr in crops:
+            out = {name: run(m, lr, w) for name, m in (("teacher", teacher), ("student", student),
+                                                       ("student_centred", centred))}
+            for name, x in out.items():
+                row[name].append(psnr_y(x, hr, teacher.scale))
+            row["student_vs_teacher"].append(psnr_y(out["student"], out["teacher"], teacher.scale))
+        rows.append({"w": w} | {k: float(np.mean(v)) for k, v in row.items()})
+    return rows
+
+
+def guided_report(rows: list[dict], title: str) -> str:
+    lines = [title, "| w | teacher, guided (2 calls) | student | student, G(w) - G(0) | student vs its target |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['w']:g} | {r['teacher']:.2f} | {r['student']:.2f} | {r['student_centred']:.2f} | "
+              f"{r['student_vs_teacher']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +284,8 @@ def main(argv=None) -> int:
                    "the variance study of each pair (see above)")
     p.add_argument("--fair", default="", metavar="PREFIX", help="summarise the fair test from PREFIX_whole.json, "
                    "PREFIX_steps.json, PREFIX_teacher.json and PREFIX_logs/ into PREFIX.json, PREFIX.txt, PREFIX.png")
+    p.add_argument("--guided", nargs=2, default=[], metavar="CKPT", help="TEACHER STUDENT: a guided-distilled "
+                   "student by w against its teacher (see above; --data default photos/val there)")
     p.add_argument("--data", default="photos/train", help="--variance: the crops' photos (default: photos/train)")
     p.add_argument("--draws", type=int, default=16, help="--variance: minibatches per timestep bucket (default: 16)")
     p.add_argument("--out", default="results/variance", help="--variance: writes OUT.json, OUT.txt, OUT.png")
@@ -250,6 +294,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.variance:
         return variance_main(args)
+    if args.guided:
+        return guided_main(args)
     if args.fair:
         try:
             out, text = fair_summary(args.fair)
@@ -303,6 +349,31 @@ def variance_main(args) -> int:
     write_atomic(args.out + ".txt", "\n\n".join(text) + "\n")
     if plt is not None:
         variance_plot(results, args.out + ".png")
+    return 0
+
+
+
+def guided_main(args) -> int:
+    import glob
+    import os
+    from yonos import YonosSR
+    try:
+        check_outputs([args.out + e for e in (".json", ".txt")], args.guided)
+        teacher, student = (YonosSR.load(path) for path in args.guided)
+        if not student.unet.config.guidance_embedding or teacher.scale != student.scale:
+            raise ValueError(f"{args.guided[1]} is not a guided-distilled student of {args.guided[0]}")
+        data = "photos/val" if args.data == "photos/train" else args.data
+        paths = sorted(f for f in glob.glob(os.path.join(data, "*")) if os.path.isfile(f))
+        if not paths:
+            raise ValueError(f"no images in {data}")
+        rows = guided_study(teacher, student, paths)
+    except (OSError, ValueError) as e:
+        print(f"study.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    text = guided_report(rows, f"{args.guided[1]} against {args.guided[0]}, one step, {data} 128-px centre crops, PSNR-Y")
+    print(text)
+    write_atomic(args.out + ".json", json_text({"teacher": args.guided[0], "student": args.guided[1], "rows": rows}))
+    write_atomic(args.out + ".txt", text + "\n")
     return 0
 
 

@@ -462,3 +462,18 @@ def test_study_tables_group_training_seeds_and_plot_guidance(tmp_path):
     assert os.path.getsize(tmp_path / "g.png") > 0
     points = study.guidance_plot([json.load(open(r)) for r in reports], str(tmp_path / "g2.png"))
     assert "| 0 | 22.50 | 0.700 |" in points and "| 2 | 20.50 | 0.900 |" in points
+
+
+def test_guided_study_takes_the_guidance_embeddings_offset_off_at_w_0(tmp_path, random_ckpt):
+    """study.py --guided: a student whose guidance embedding is non-zero at w = 0 differs there from its teacher;
+    the same student with G(w) - G(0) is its teacher again at w = 0 (the rest of its weights are the teacher's)."""
+    import study
+    from yonos import YonosSR, guided_student
+    teacher, student = YonosSR.load(random_ckpt), guided_student(YonosSR.load(random_ckpt), 4.0)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(student.unet.guidance_embedding.linear_2.bias, std=1.0)
+    photo(48, 48).save(tmp_path / "a.png")
+    w0, w2 = study.guided_study(teacher, student, [str(tmp_path / "a.png")], ws=(0.0, 2.0), crop=48)
+    assert w0["student_centred"] == pytest.approx(w0["teacher"], abs=1e-6)
+    assert abs(w0["student"] - w0["teacher"]) > 0.01 and w0["student_vs_teacher"] < 60
+    assert w2["student_centred"] != pytest.approx(w2["teacher"], abs=1e-3)  # away from w = 0 the embedding acts

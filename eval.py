@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from data import bicubic_lr, list_images, open_image, to_image, to_tensor, upsample, web_lr
 from files import check_outputs, json_text, read_checkpoint, write_atomic, write_figure
 from metrics import LPIPS, InceptionV3, blockiness, frechet_distance, gradient_energy, psnr_y, ssim_y
+from runtime import pick_dtype
 from upscale import tile_settings, upscale
 from vae import AutoencoderKL
 from yonos import YonosSR
@@ -57,10 +58,11 @@ def number(s: str) -> int:  # for the options that count things
     return int(s)
 
 
-def load_model(path: str) -> YonosSR | AutoencoderKL:
-    """Any of our model files: an SR model (YonosSR), or a stand-alone VAE (from train.py --stage vae)."""
+def load_model(path: str, dtype: torch.dtype = torch.float32) -> YonosSR | AutoencoderKL:
+    """Any of our model files: an SR model (YonosSR, cast to `dtype`), or a stand-alone VAE (from train.py --stage
+    vae)."""
     _, header = read_checkpoint(path)
-    return YonosSR.load(path) if "unet" in header else AutoencoderKL.load(path).eval()
+    return YonosSR.load(path, "cpu", dtype) if "unet" in header else AutoencoderKL.load(path).eval()
 
 # -----------------------------------------------------------------------------
 # degrade
@@ -311,6 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--figure-row", action="store_true", help="with --figure, models of one scale: one row, LR | bicubic "
                    "| each model | HR (the LR degraded by --lr-jpeg/--lr-noise if given)")
     p.add_argument("--figure-image", default="", help="with --figure: this image of --data instead of the first")
+    p.add_argument("--dtype", default="fp32", help="the SR models' precision: fp32 (default: the reference), bf16, "
+                   "fp16 or auto (what sample.py uses: bf16 on a CPU with native bf16)")
     p.add_argument("--threads", type=number, default=None, help="CPU threads (default: what torch picks)")
     p.add_argument("--out", default="runs/eval/eval", help="writes OUT.json, OUT.csv, OUT.png (default: runs/eval/eval)")
     args = p.parse_args(argv)
@@ -340,7 +344,8 @@ def main(argv=None) -> int:
             raise ValueError(f"{outputs[0]}: is inside --data {args.data}, where it would become one of the photos "
                              "scored; write it elsewhere")
         names = [os.path.basename(c) for c in args.ckpts]  # the file name, or the path where names repeat
-        models = {n if names.count(n) == 1 else c: load_model(c) for n, c in zip(names, args.ckpts)}
+        models = {n if names.count(n) == 1 else c: load_model(c, pick_dtype(args.dtype, torch.device("cpu")))
+                  for n, c in zip(names, args.ckpts)}
         for name, m in models.items():
             if isinstance(m, YonosSR):
                 try:

@@ -97,7 +97,14 @@ def fair_summary(prefix: str) -> tuple[dict, str]:
     whole), PREFIX_steps.json (DDIM 1..64 on their 128-px centre crops), PREFIX_teacher.json (the x2 teacher and
     bicubic x2 on photos/val and photos/test) and the runs' logs in PREFIX_logs/s*/ (validation PSNR along the way).
     Per arm: the mean over training seeds and its min..max."""
-    load = lambda name: json.load(open(f"{prefix}_{name}.json", encoding="utf-8"))
+    import glob
+
+    def load(name: str) -> dict:  # PREFIX_NAME.json, or its parts PREFIX_NAME_*.json (models scored as they finished)
+        paths = sorted(glob.glob(f"{prefix}_{name}.json") + glob.glob(f"{prefix}_{name}_*.json"))
+        if not paths:
+            raise FileNotFoundError(f"{prefix}_{name}.json")
+        reports = [json.load(open(path, encoding="utf-8")) for path in paths]
+        return {"summary": [e for i, r in enumerate(reports) for e in r["summary"] if e["model"] != "bicubic" or not i]}
     whole, steps, teacher = load("whole"), load("steps"), load("teacher")
     out = {"arms": ARMS, "teacher": {}, "one_step_whole": {}, "steps_crops": {}, "curves": {}}
     for e in teacher["summary"]:
@@ -110,7 +117,6 @@ def fair_summary(prefix: str) -> tuple[dict, str]:
                 per.setdefault(arm, {}).setdefault(e["steps"], []).append({m: e[m] for m in ("psnr", "ssim")})
         out[key] = {arm: {n: {m: [v[m] for v in vals] for m in ("psnr", "ssim")} for n, vals in by.items()}
                     for arm, by in per.items()}
-    import glob
     for arm in ARMS:
         curves = []
         for log in sorted(glob.glob(f"{prefix}_logs/s*/{arm}.pt.log.jsonl")):

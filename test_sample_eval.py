@@ -477,3 +477,31 @@ def test_guided_study_takes_the_guidance_embeddings_offset_off_at_w_0(tmp_path, 
     assert w0["student_centred"] == pytest.approx(w0["teacher"], abs=1e-6)
     assert abs(w0["student"] - w0["teacher"]) > 0.01 and w0["student_vs_teacher"] < 60
     assert w2["student_centred"] != pytest.approx(w2["teacher"], abs=1e-3)  # away from w = 0 the embedding acts
+
+
+def test_fair_summary_reads_reports_in_parts_one_row_per_arm_with_the_seeds_spread(tmp_path):
+    """study.py --fair: eval.py reports split in parts (models scored as they finished) give one row per arm, the
+    mean over training seeds with its min..max, bicubic counted once, and learning curves from the runs' logs."""
+    import study
+    prefix = str(tmp_path / "fair")
+    row = lambda model, steps, psnr: {"model": model, "steps": steps, "psnr": psnr, "ssim": psnr / 100}
+    bic = [row("bicubic", 0, 26.0)]
+    parts = {"steps_a": bic + [row("runs/fair/s0/x4_distilled.pt", n, 27.0 - n / 100) for n in (1, 64)] +
+             [row("runs/fair/s0/x4_plain_scratch.pt", n, 26.5) for n in (1, 64)],
+             "steps_b": bic + [row("runs/fair/s1/x4_distilled.pt", n, 27.2 - n / 100) for n in (1, 64)],
+             "whole": bic + [row(f"runs/fair/s{s}/x4_distilled.pt +colour fix", 1, 28.0 + s) for s in (0, 1)],
+             "teacher": [row("bicubic", 0, 35.0), row("yonos_x2.pt +colour fix", 1, 37.0)]}
+    for name, summary in parts.items():
+        (tmp_path / f"fair_{name}.json").write_text(json.dumps({"summary": summary}))
+    for seed in (0, 1):
+        (tmp_path / f"fair_logs/s{seed}").mkdir(parents=True)
+        (tmp_path / f"fair_logs/s{seed}/x4_distilled.pt.log.jsonl").write_text("\n".join(
+            json.dumps({"step": s, "val_psnr": 30.0 + s / 100 + seed, "val_psnr_bicubic": 29.0}) for s in (100, 200)))
+    out, text = study.fair_summary(prefix)
+    assert out["steps_crops"]["x4_distilled"][1]["psnr"] == pytest.approx([26.99, 27.19])
+    assert out["steps_crops"]["bicubic"][0]["psnr"] == [26.0]  # once, not once per part
+    assert out["one_step_whole"]["x4_distilled"][1]["psnr"] == [28.0, 29.0]
+    assert out["curves"]["x4_distilled"] == {100: [31.0, 32.0], 200: [32.0, 33.0]}
+    assert "| (a) scale distillation from x2 | 2 | 28.50 (28.00..29.00) |" in text
+    assert "| (c) plain objective from scratch | 26.50 | 26.50 |" in text
+    assert study.main(["--fair", str(tmp_path / "missing")]) == 2

@@ -114,7 +114,7 @@ if has fair; then   # the same student steps for each arm; the teacher exists al
   arms() { for seed in $SEEDS; do for a in x4_distilled x4_plain_from_x2 x4_plain_scratch; do echo "$F/s$seed/$a.pt"; done; done; }
   $Ef assets/yonos_x2.pt --data photos/val --out results/distill_fair_teacher > results/distill_fair_teacher.txt
   $Ef $(arms) --data photos/test --out results/distill_fair_whole > results/distill_fair_whole.txt &   # one step, whole
-  $Ef $(arms) --data photos/test --crop 128 --no-color-fix --steps 1,2,4,8,16,64 --out results/distill_fair_steps \
+  $Ef $(arms) --data photos/test --crop 64 --no-color-fix --steps 1,2,4,8,16,64 --out results/distill_fair_steps \
     > results/distill_fair_steps.txt
   wait
   for seed in $SEEDS; do mkdir -p results/distill_fair_logs/s$seed; cp "$F"/s$seed/*.log.jsonl results/distill_fair_logs/s$seed/; done

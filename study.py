@@ -94,7 +94,7 @@ def arm_of(model: str) -> str | None:
 
 def fair_summary(prefix: str) -> tuple[dict, str]:
     """The fair test (experiments.sh part fair) from its reports: PREFIX_whole.json (one step, the held-out photos
-    whole), PREFIX_steps.json (DDIM 1..64 on their 128-px centre crops), PREFIX_teacher.json (the x2 teacher and
+    whole), PREFIX_steps.json (DDIM 1..64 on their 64-px centre crops (one tile)), PREFIX_teacher.json (the x2 teacher and
     bicubic x2 on photos/val and photos/test) and the runs' logs in PREFIX_logs/s*/ (validation PSNR along the way).
     Per arm: the mean over training seeds and its min..max."""
     import glob
@@ -136,7 +136,7 @@ def fair_summary(prefix: str) -> tuple[dict, str]:
         v = by[1] if 1 in by else by[0]
         lines.append(f"| {ARMS.get(arm, arm)} | {len(v['psnr'])} | {fmt(v['psnr'])} | {fmt(v['ssim'])} |")
     ns = sorted({n for by in out["steps_crops"].values() for n in by if n})
-    lines += ["", "DDIM steps, 128-px centre crops of the held-out photos, raw output: PSNR-Y, mean over seeds "
+    lines += ["", "DDIM steps, 64-px centre crops of the held-out photos, raw output: PSNR-Y, mean over seeds "
               "(min..max):", "", "| x4 | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in ns) + " |",
               "|---|" + "---|" * len(ns)]
     for arm, by in out["steps_crops"].items():

@@ -171,8 +171,11 @@ def memory_plan(model: YonosSR, width: int, height: int, tile: int, overlap: int
     batch = (max(skips + work + attn, vae) + 2 * (3 * pixels + c * cells)) * element
     workers = workers or (torch.get_num_threads() if model.context.device.type == "cpu" else 1)
     in_flight = min(workers + 1, -(-tiles // per_batch))
-    bands = 4 * (th * f + 2 * 128 + 4 * HALO) * Wp * 4 * 2  # running sums, colour-fix rows, input bands (fp32)
-    total = 2 * in_flight * batch + bands + (H * W * 4 if in_memory else 0)  # x2: allocator slack
+    bands = 4 * (th * f + 2 * 128 + 4 * HALO) * Wp * 4  # running sums, colour-fix rows, input bands (fp32)
+    # measured on the shipped x4 (sample.py, outputs 512 to 2560 px wide, peak RSS): what the bands really cost is
+    # 5-10x their own size (the interpolation's and the colour fix's temporaries, per-thread allocator arenas), and
+    # 40-50 MB more go to the worker pool whatever the size; x12 and 64 MB bound both, the batches get x2 of slack
+    total = 2 * in_flight * batch + 12 * bands + 64 * 2 ** 20 + (H * W * 4 if in_memory else 0)
     return {"output": (W, H), "tiles": tiles, "batches": -(-tiles // per_batch), "bytes": int(total)}
 
 

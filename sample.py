@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, choices=sorted(SHIPPED), default=4,
                    help="which shipped model to use, assets/yonos_x{2,4,8}.pt (default: 4; ignored with --ckpt)")
     p.add_argument("--real", action="store_true", help="the shipped model trained for real photos (JPEG, noise, "
-                   "slight blur), assets/yonos_x{scale}_real.pt: for photos from phones, cameras and the web")
+                   "slight blur), assets/yonos_x4_real.pt (x4 only): for photos from phones, cameras and the web")
     p.add_argument("--ckpt", default="", help="model checkpoint from train.py (default: the shipped model of --scale)")
     p.add_argument("--steps", type=whole(1, 1000), default=None,
                    help="DDIM steps (default: 1, the point of YONOS-SR, or the count a model was distilled for)")

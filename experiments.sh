@@ -3,7 +3,7 @@
 # made them. Hours on a 2-core CPU; DEVICE=cuda runs the training on a GPU.
 #   bash experiments.sh [RUN_DIR]                       all parts, into RUN_DIR (default runs) and results/
 #   PARTS="ship chain" bash experiments.sh              some parts: ship, chain, study, distill, d3sr, fair, real,
-#                                                       variance, results
+#                                                       variance, guided, results
 # Parts (default: all; the README gives the time each took here):
 #   ship     the shipped models: the small presets' chain VAE -> x2 -> x4 -> x8 (scale distillation, 1,200, 1,200
 #            and 2,000 steps) with a decoder fine-tune for each, written in fp16 to assets/yonos_x{2,4,8}.pt
@@ -23,13 +23,15 @@
 #            to assets/yonos_x4_real.pt; scored with the clean x4 under eval.py's web protocol (results/real_x4.*)
 #   variance where distillation can help: the two targets' distance and the two gradients' variance per timestep,
 #            for the shipped x2 -> x4 and x4 -> x8 pairs (results/variance.*)
+#   guided   why the guided student is poor at w = 0: a conditional x2 from the shipped x2, its guided student with
+#            uniform w and with a quarter of the samples at w = 0, each scored by w (results/guided_w*.txt)
 #   results  every evaluation on the held-out photos (photos/test) into results/, the figure, the example image
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 RUN=${1:-runs}
 DEVICE=${DEVICE:-auto}
-PARTS=${PARTS:-ship chain study distill d3sr fair real variance results}
+PARTS=${PARTS:-ship chain study distill d3sr fair real variance guided results}
 SEEDS=${SEEDS:-0 1 2}
 [ -d photos/train ] || $PY data.py --export-photos photos
 mkdir -p "$RUN" results
@@ -145,6 +147,18 @@ if has variance; then   # the shipped pairs at the shipped students' weights, 16
   $PY study.py --variance assets/yonos_x2.pt assets/yonos_x4.pt assets/yonos_x4.pt assets/yonos_x8.pt --draws 16 \
     --out results/variance > results/variance.txt
   stamp "variance"
+fi
+
+if has guided; then   # the guided student at w = 0 (results/README.md, "The guided student at w = 0")
+  G="$RUN/guided"
+  mkdir -p "$G"
+  C="--config small --crop 64 --batch-size 8 --val-every 100 --save-every 100 --log-every 20 --threads 1"
+  $T $C --scale 2 --init assets/yonos_x2.pt --cond-drop 0.1 --steps 400 --out "$G/x2_cfg.pt"
+  $T $C --stage guided --teacher "$G/x2_cfg.pt" --w-max 4 --steps 300 --out "$G/x2_guided.pt"
+  $T $C --stage guided --teacher "$G/x2_cfg.pt" --w-max 4 --w-zero 0.25 --steps 300 --out "$G/x2_guided_w0.pt"
+  $PY study.py --guided "$G/x2_cfg.pt" "$G/x2_guided.pt" --out results/guided_w
+  $PY study.py --guided "$G/x2_cfg.pt" "$G/x2_guided_w0.pt" --out results/guided_w_zero
+  stamp "guided"
 fi
 
 if has study; then

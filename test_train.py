@@ -228,6 +228,8 @@ def test_guidance_embedding_starts_as_the_unguided_model_and_guided_loss_is_zero
                                     torch.Generator().manual_seed(0)).item() < 1e-10
     assert guided_distillation_loss(student, teacher, z_h, z_l, ctx, AC, 4.0,
                                     torch.Generator().manual_seed(0)).item() > 0
+    assert guided_distillation_loss(student, teacher, z_h, z_l, ctx, AC, 4.0, torch.Generator().manual_seed(0),
+                                    w_zero=1.0).item() < 1e-10  # --w-zero 1: every sample at w = 0, the fresh target
     assert torch.equal(drop_condition(z_l, 0.0), z_l) and drop_condition(z_l, 0.999999).abs().max() == 0
 
 

@@ -87,6 +87,8 @@ class TrainConfig:
     cond_drop: float = option(0.0, "stage sr: replace the LR latent by zeros with this probability, so the model "
                                    "also works with classifier-free guidance (sample.py --guidance)", low=0.0)
     w_max: float = option(4.0, "stage guided: guidance weights w ~ U[0, w_max] are distilled", low=0.0, high=1e3)
+    w_zero: float = option(0.0, "stage guided: the share of samples distilled at w = 0 exactly (ours; 0: Meng et al.'s "
+                           "uniform w, whose student is poor at w = 0, results/README.md)", low=0.0, high=1.0)
     degradation: str = option("bicubic", "how an HR crop becomes its LR input: bicubic (the classic SR setting); photo "
                                          "(blur, resize, noise, JPEG as photos from phones and the web have them); "
                                          "realesrgan (Real-ESRGAN's harsher second-order chain); see data.py")
@@ -470,7 +472,8 @@ def guided_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     def loss(unet, batch, g, step, disc):
         with torch.no_grad():
             z_h, z_l = bundle.encode(batch["hr"]), bundle.encode(batch["lr"])
-        return guided_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, cfg.w_max, g), {}, None
+        return guided_distillation_loss(unet, teacher.unet, z_h, z_l, bundle.context, ac, cfg.w_max, g,
+                                        cfg.w_zero), {}, None
 
     return Stage(bundle.unet.train(), loss, bundle, frozen=(bundle.vae, teacher.unet), unet_config=bundle.unet.config,
                  vae_config=bundle.vae.config)

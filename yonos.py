@@ -441,11 +441,15 @@ def progressive_distillation_loss(student, teacher, z_h, z_l, context, alphas_cu
     return (weight * (x0_pred.float() - target) ** 2).mean()
 
 
-def guided_distillation_loss(student, teacher, z_h, z_l, context, alphas_cumprod, w_max: float, generator=None):
+def guided_distillation_loss(student, teacher, z_h, z_l, context, alphas_cumprod, w_max: float, generator=None,
+                             w_zero: float = 0.0):
     """Meng et al. 2023 (arXiv 2210.03142), stage 1: a student that takes w as an input matches, in one call,
-    the teacher's guided prediction (1 + w) x0(z_l) - w x0(0) for w ~ U[0, w_max]; SNR+1 weighting as sr_loss."""
+    the teacher's guided prediction (1 + w) x0(z_l) - w x0(0) for w ~ U[0, w_max]; SNR+1 weighting as sr_loss.
+    w_zero (ours): that share of the samples at w = 0 exactly, which uniform w all but never visits."""
     t, z_t = noised(z_h, alphas_cumprod, generator)
     w = torch.rand(z_h.shape[0], device=z_h.device, generator=generator) * w_max
+    if w_zero:
+        w = torch.where(torch.rand(w.shape, device=w.device, generator=generator) < w_zero, 0.0, w)
     with torch.no_grad():
         target = x0_from_v(z_t, guided_v(teacher, z_t, z_l, t, context, alphas_cumprod, w[:, None, None, None]).float(),
                            t, alphas_cumprod)

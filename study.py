@@ -108,7 +108,7 @@ def fair_summary(prefix: str) -> tuple[dict, str]:
     whole, steps, teacher = load("whole"), load("steps"), load("teacher")
     out = {"arms": ARMS, "teacher": {}, "one_step_whole": {}, "steps_crops": {}, "curves": {}}
     for e in teacher["summary"]:
-        out["teacher"][f"{e['model']} on {e.get('input', '')}".strip()] = e["psnr"]
+        out["teacher"][e["model"] + (f" on {e['input']}" if e.get("input") else "")] = e["psnr"]
     for key, report in (("one_step_whole", whole), ("steps_crops", steps)):
         per = {}
         for e in report["summary"]:
@@ -127,14 +127,14 @@ def fair_summary(prefix: str) -> tuple[dict, str]:
         if curves:
             common = sorted(set.intersection(*(set(c) for c in curves)))
             out["curves"][arm] = {s: [c[s] for c in curves] for s in common}
-    fmt = lambda v: f"{np.mean(v):.2f} ({min(v):.2f}..{max(v):.2f})" if len(v) > 1 else f"{v[0]:.2f}"
-    lines = ["The x2 teacher against bicubic x2 (one step, whole photos, PSNR-Y):", ""]
+    fmt = lambda v, d=2: f"{np.mean(v):.{d}f} ({min(v):.{d}f}..{max(v):.{d}f})" if len(v) > 1 else f"{v[0]:.{d}f}"
+    lines = ["The x2 teacher against bicubic x2 on photos/val (one step, whole photos, PSNR-Y):", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in out["teacher"].items()]
     lines += ["", "One step, the 14 held-out photos whole, default settings: PSNR-Y / SSIM-Y, mean over training seeds "
               "(min..max):", "", "| x4 | seeds | PSNR | SSIM |", "|---|---|---|---|"]
     for arm, by in out["one_step_whole"].items():
         v = by[1] if 1 in by else by[0]
-        lines.append(f"| {ARMS.get(arm, arm)} | {len(v['psnr'])} | {fmt(v['psnr'])} | {fmt(v['ssim'])} |")
+        lines.append(f"| {ARMS.get(arm, arm)} | {len(v['psnr'])} | {fmt(v['psnr'])} | {fmt(v['ssim'], 3)} |")
     ns = sorted({n for by in out["steps_crops"].values() for n in by if n})
     lines += ["", "DDIM steps, 64-px centre crops of the held-out photos, raw output: PSNR-Y, mean over seeds "
               "(min..max):", "", "| x4 | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in ns) + " |",

@@ -776,7 +776,7 @@ def test_sample_memory_is_bounded_by_the_tile_not_the_image_and_within_its_plan(
     for width, height in ((64, 32), (64, 2048)):
         photo(width, height).save(tmp_path / f"in{height}.png")
         r = run_script(["-c", PEAK, os.path.join(HERE, "sample.py"), str(tmp_path / f"in{height}.png"), "--ckpt",
-                        random_ckpt, "--tile", "32", "--dtype", "fp32", "--threads", "1"])
+                        random_ckpt, "--tile", "32", "--overlap", "2", "--dtype", "fp32", "--threads", "1"])
         assert r.returncode == 0, r.stderr[-2000:]
         peaks.append(int(r.stdout.split("peak")[-1]))
         plans.append(float(r.stdout.split("needs about ")[1].split(" MB")[0].replace(",", "")) * 2 ** 20)

@@ -117,19 +117,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_chain, tmp_p
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def _ddp_worker(rank, tmp, vae_path):
+def _ddp_worker(rank, tmp, vae_path, lora_rank=0):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
     cfg = train.TrainConfig(config="tiny", data=f"{tmp}/photos", scale=2, vae=vae_path, crop=32, batch_size=2,
-                            steps=3, warmup=1, quiet=True, out=f"{tmp}/ddp.pt")
-    model = train.main(cfg)
-    save_file({k: v.contiguous() for k, v in model.unet.state_dict().items()}, f"{tmp}/rank{rank}.safetensors")
+                            steps=3, warmup=1, quiet=True, out=f"{tmp}/ddp.pt", lora_rank=lora_rank)
+    model = train.main(cfg)  # rank 0 returns the file it wrote (merged), the others their live U-Net: merge both
+    save_file({k: v.contiguous() for k, v in merged_state_dict(model.unet).items()}, f"{tmp}/rank{rank}.safetensors")
     dist.destroy_process_group()
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_chain, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_chain, tmp_path, lora_rank):
+    """Two gloo processes, full fine-tuning and LoRA (whose adapters DDP synchronises; the file holds them merged)."""
     write_photos(tmp_path / "photos")
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), str(tiny_chain / "vae.pt")), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), str(tiny_chain / "vae.pt"), lora_rank), nprocs=2)
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     start = YonosSR.load(str(tmp_path / "ddp.pt")).unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -318,7 +318,6 @@ def memory_step(stage: str, lora: int, checkpointing: bool, batch: int, crop: in
     """One SD-size training step as train.py takes it (bf16 autocast, AdamW): x2 is the plain objective; x4 is scale
     distillation, with the frozen teacher's U-Net held and run too. Returns the peak memory where torch reports it
     (CUDA) and train.py's memory plan for the same run."""
-    import train
     from model import add_lora
     from runs import memory_plan
     from yonos import scale_distillation_loss
@@ -353,10 +352,8 @@ def memory_step(stage: str, lora: int, checkpointing: bool, batch: int, crop: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-    plan_cfg = train.TrainConfig(config=config, batch_size=batch, crop=crop, lora_rank=lora, precision="bf16",
-                                 grad_checkpointing=checkpointing)
-    plan = memory_plan(plan_cfg, train.Stage(unet, None, None, frozen=(vae,) + ((teacher,) if teacher else ()),
-                                             unet_config=cfg, vae_config=vae.config), device)
+    plan = memory_plan(unet, (vae,) + ((teacher,) if teacher else ()), cfg, vae.config, batch, crop, 2, checkpointing,
+                       device=device)
     out = {"stage": stage, "lora_rank": lora, "grad_checkpointing": checkpointing, "batch": batch, "crop": crop,
            "trained_parameters": sum(p.numel() for p in params), "plan_bytes": plan["bytes"]}
     if device.type == "cuda":
@@ -389,7 +386,7 @@ def bench_memory(args, device: torch.device) -> dict:
                     rows.append(row)
                     peak = row.get("peak_allocated_bytes", row.get("peak_rss_bytes"))
                     what = "allocated" if "peak_allocated_bytes" in row else "resident"
-                    print(f"{stage}, {'LoRA r=16' if lora else 'full'}, checkpointing {'on' if checkpointing else 'off'}, "
+                    print(f"{stage}, {f'LoRA r={lora}' if lora else 'full'}, checkpointing {'on' if checkpointing else 'off'}, "
                           f"batch {batch}: " + (f"peak {what} {peak / 2 ** 30:.1f} GiB, plan {row['plan_bytes'] / 2 ** 30:.1f}"
                                                 f" GiB" if peak else row.get("error", "")), flush=True)
     return {"device": str(device), "config": args.train_config, "crop": args.train_crop, "rows": rows,

@@ -677,7 +677,9 @@ def main(cfg: TrainConfig) -> nn.Module:
         m = stage.bundle.config.factor if cfg.stage == "vae" else stage.bundle.multiple
         if cfg.crop % m or cfg.crop % cfg.scale:
             fail(f"--crop {cfg.crop} must be a multiple of {m} (VAE factor x U-Net levels) and of the scale {cfg.scale}")
-        plan = memory_plan(cfg, stage, device)
+        element = 4 if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu") else 2
+        plan = memory_plan(stage.trained, stage.frozen, stage.unet_config, stage.vae_config, cfg.batch_size, cfg.crop,
+                           element, cfg.grad_checkpointing, 2 if cfg.optimizer == "adamw8bit" else 8, bool(cfg.ema), device)
         if plan["bytes"] > plan["available"]:
             fail(f"one step would need about {plan['bytes'] / 2 ** 30:.1f} GiB, {plan['available'] / 2 ** 30:.1f} GiB "
                  f"are free: use a smaller --batch-size (with --grad-accum), --grad-checkpointing or --lora-rank")

@@ -188,11 +188,11 @@ def working_scale(scale: float, g: torch.Generator) -> float:
     return scale if torch.rand((), generator=g) < 0.5 else scale / 2 ** uniform(g, 0, 1)
 
 
-def realesrgan_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch.Tensor:
+def realesrgan_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator):
     """A Real-ESRGAN-style second-order degradation (Wang et al. 2021, sec. 3): twice blur -> random resize ->
     Gaussian noise -> JPEG, the first order relative to the HR size, the second to the working size H/s_i. Ranges
     follow the paper's first order, narrowed for the second, in the spirit of its config (the exact numbers are
-    ours)."""
+    ours). Returns (the image, finish = nothing more to do at the final sizes), as photo_chain does."""
     H, W = x_h.shape[-2:]
     x = x_h
     # (max blur sigma, resize range relative to the base size, max noise level in 8-bit units); JPEG in [30, 95]
@@ -202,10 +202,10 @@ def realesrgan_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch
         x = resize(x, (h, max(4, round(h * W / H))))
         x = add_noise(x, uniform(g, 1, noise), g)
         x = jpeg(x.clamp(-1, 1), int(uniform(g, 30, 95)))
-    return x
+    return x, lambda lr: lr
 
 
-def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch.Tensor:
+def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator):
     """The degradation of photos as people have them (ours): a camera's or a phone's mild blur, a downscale,
     sensor noise, then JPEG; each part drawn on its own, so clean, noisy, compressed and both all occur. One order,
     not Real-ESRGAN's two: a photo from a phone or the web has been through one camera and usually one or two JPEG
@@ -213,7 +213,9 @@ def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch.Tens
         blur      p = 0.5, Gaussian sigma ~ U[0.3, 1.5] HR pixels (optics, slight defocus)
         resize    to H/s_i: bicubic (p = 0.6), bilinear (0.2) or area (0.2), antialiased
         noise     p = 0.6, sigma ~ U[1, 6] in 8-bit units, grey (the same on all channels) with p = 0.4
-        JPEG      p = 0.8, quality ~ U{30, ..., 95}"""
+        JPEG      p = 0.8, quality ~ U{30, ..., 95}, at each FINAL LR size (the returned `finish`), so its 8x8
+                  blocks sit on the LR's own pixel grid, as in every JPEG a user has
+    Returns (the image at H/s_i, finish: what degrade_lr applies to each LR once it has its final size)."""
     H, W = x_h.shape[-2:]
     x = gaussian_blur(x_h, uniform(g, 0.3, 1.5)) if torch.rand((), generator=g) < 0.5 else x_h
     size, k = (max(4, round(H / s_i)), max(4, round(W / s_i))), torch.rand((), generator=g).item()
@@ -223,8 +225,9 @@ def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator) -> torch.Tens
     if torch.rand((), generator=g) < 0.6:
         x = add_noise(x, uniform(g, 1, 6), g, grey=torch.rand((), generator=g).item() < 0.4)
     if torch.rand((), generator=g) < 0.8:
-        x = jpeg(x.clamp(-1, 1), int(torch.randint(30, 96, (), generator=g)))
-    return x
+        quality = int(torch.randint(30, 96, (), generator=g))
+        return x, lambda lr: jpeg(lr, quality)
+    return x, lambda lr: lr
 
 
 CHAINS = {"realesrgan": realesrgan_chain, "photo": photo_chain}
@@ -234,19 +237,24 @@ DEGRADATIONS = ("bicubic", *CHAINS)
 def degrade_lr(x_h: torch.Tensor, scales: list[float], kind: str = "bicubic",
                g: torch.Generator | None = None) -> list[torch.Tensor]:
     """HR (B, C, H, W) -> its LR images at 1/s for each s in `scales`, rounded to 8 bits, from ONE draw of the
-    degradation: they differ only in the final resize. So the LR at s is (up to resampling and rounding) a function of
-    the LR at s/2, the nesting that scale distillation's argument needs (README, "Why scale distillation can help").
-    Bicubic is nested by itself; the random chains run once, at a working scale between the largest s and half of
-    it (`working_scale`), and each LR is resized from that."""
+    degradation, so the LR at s is a function of the LR at s/2: the nesting that scale distillation's argument needs
+    (README, "Why scale distillation can help"). Bicubic is nested by itself. A random chain runs once, at a working
+    scale between the largest s and half of it (`working_scale`); then, largest LR first, each LR is resized from
+    the one before it (the first from the working image) and finished at its own size (the photo chain's JPEG, with
+    the one drawn quality), so the student's LR is the teacher's, resized and compressed again."""
     H, W = x_h.shape[-2:]
     if kind == "bicubic":
         return [quantize(bicubic_lr(x_h, s)) for s in scales]
     if kind not in CHAINS:
         raise ValueError(f"unknown degradation {kind!r} ({', '.join(DEGRADATIONS)})")
     g = g if g is not None else torch.Generator().manual_seed(0)
-    x = CHAINS[kind](x_h, working_scale(max(scales), g), g).clamp(-1, 1)
-    sizes = [(round(H / s), round(W / s)) for s in scales]
-    return [quantize(x if tuple(x.shape[-2:]) == size else resize(x, size).clamp(-1, 1)) for size in sizes]
+    x, finish = CHAINS[kind](x_h, working_scale(max(scales), g), g)
+    lrs, prev = {}, x.clamp(-1, 1)
+    for s in sorted(set(scales)):
+        size = (round(H / s), round(W / s))
+        lr = prev if tuple(prev.shape[-2:]) == size else resize(prev, size).clamp(-1, 1)
+        prev = lrs[s] = quantize(finish(quantize(lr)))
+    return [lrs[s] for s in scales]
 
 
 def degrade(x_h: torch.Tensor, scale: float, kind: str = "bicubic", g: torch.Generator | None = None) -> torch.Tensor:

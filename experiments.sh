@@ -127,10 +127,10 @@ fi
 if has real; then   # the real-photo x4: the same chain as the shipped one on data.photo_chain, from the shipped x2
   R="$RUN/real"
   mkdir -p "$R"
-  C="--config small --crop 64 --batch-size 8 --val-every 100 --save-every 100 --log-every 20 --threads 1 --degradation photo"
+  C="--config small --crop 64 --batch-size 8 --val-every 100 --save-every 100 --log-every 20 --threads 2 --degradation photo"
   $T $C --scale 2 --init assets/yonos_x2.pt --steps 1200 --out "$R/x2.pt"
-  $T $C --scale 4 --teacher "$R/x2.pt" --steps 1200 --out "$R/x4.pt"
-  $T $C --stage decoder --unet "$R/x4.pt" --lr 2e-4 --warmup 50 --steps 300 --out "$R/x4_dec.pt"
+  $T $C --scale 4 --teacher "$R/x2.pt" --steps 1000 --out "$R/x4.pt"
+  $T $C --stage decoder --unet "$R/x4.pt" --lr 2e-4 --warmup 50 --steps 600 --out "$R/x4_dec.pt"
   $PY -c "import sys, torch; from yonos import YonosSR; m = YonosSR.load(sys.argv[1]); m.meta.update(tile=32, \
 degradation='photo'); m.save(sys.argv[2], torch.float16)" "$R/x4_dec.pt" assets/yonos_x4_real.pt
   stamp "real: x2, x4, decoder"

@@ -250,10 +250,9 @@ def degrade_lr(x_h: torch.Tensor, scales: list[float], kind: str = "bicubic",
     g = g if g is not None else torch.Generator().manual_seed(0)
     x, finish = CHAINS[kind](x_h, working_scale(max(scales), g), g)
     lrs, prev = {}, x.clamp(-1, 1)
-    for s in sorted(set(scales)):
+    for s in sorted(set(scales)):  # largest LR first
         size = (round(H / s), round(W / s))
-        lr = prev if tuple(prev.shape[-2:]) == size else resize(prev, size).clamp(-1, 1)
-        prev = lrs[s] = quantize(finish(quantize(lr)))
+        prev = lrs[s] = finish(quantize(prev if tuple(prev.shape[-2:]) == size else resize(prev, size)))
     return [lrs[s] for s in scales]
 
 

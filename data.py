@@ -161,14 +161,18 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
-def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG round trip through Pillow, per image."""
+def jpeg(x: torch.Tensor, quality: int, phase: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """JPEG round trip through Pillow, per image. `phase` (dy, dx) in 0..15: the grid of 16x16 macroblocks (8x8 luma
+    blocks, 4:2:0 chroma) starts that many pixels above and left of the image (edge pixels repeated there), as in a
+    crop of a larger JPEG."""
+    dy, dx = phase
+    x_p = F.pad(x, (dx, 0, dy, 0), mode="replicate") if dy or dx else x
     out = []
-    for img in x:
+    for img in x_p:
         buf = io.BytesIO()
         to_image(img).save(buf, format="JPEG", quality=quality)
         out.append(to_tensor(Image.open(buf)).to(x))
-    return torch.stack(out)
+    return torch.stack(out)[..., dy:, dx:]
 
 
 def uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -214,7 +218,9 @@ def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator):
         resize    to H/s_i: bicubic (p = 0.6), bilinear (0.2) or area (0.2), antialiased
         noise     p = 0.6, sigma ~ U[1, 6] in 8-bit units, grey (the same on all channels) with p = 0.4
         JPEG      p = 0.8, quality ~ U{30, ..., 95}, at each FINAL LR size (the returned `finish`), so its 8x8
-                  blocks sit on the LR's own pixel grid, as in every JPEG a user has
+                  blocks sit on the LR's own pixel grid, as in every JPEG a user has; the grid's phase against
+                  the crop ~ U{0..15}^2, as a crop of a larger JPEG has it, so the model finds the blocks in the
+                  image, not at fixed places from the crop's corner (a photo's tiles start anywhere on its grid)
     Returns (the image at H/s_i, finish: what degrade_lr applies to each LR once it has its final size)."""
     H, W = x_h.shape[-2:]
     x = gaussian_blur(x_h, uniform(g, 0.3, 1.5)) if torch.rand((), generator=g) < 0.5 else x_h
@@ -226,7 +232,8 @@ def photo_chain(x_h: torch.Tensor, s_i: float, g: torch.Generator):
         x = add_noise(x, uniform(g, 1, 6), g, grey=torch.rand((), generator=g).item() < 0.4)
     if torch.rand((), generator=g) < 0.8:
         quality = int(torch.randint(30, 96, (), generator=g))
-        return x, lambda lr: jpeg(lr, quality)
+        phase = tuple(int(v) for v in torch.randint(0, 16, (2,), generator=g))
+        return x, lambda lr: jpeg(lr, quality, phase)
     return x, lambda lr: lr
 
 

@@ -9,10 +9,10 @@ Measures super-resolution checkpoints against the bicubic baseline on a folder o
 Degrade -> super-resolve -> score -> report. Each HR image, cut to a multiple of the scale, is degraded (bicubic,
 rounded to 8 bits like a real LR file), super-resolved at each step count and noise seed (upscale.py, as sample.py
 does) and scored (metrics.py): PSNR and SSIM on the Y channel with a border of `scale` pixels cropped, the SR
-convention; sharpness (gradient energy over the HR image's: below 1 is blurrier); blockiness (metrics.blockiness
-at the JPEG grid's period in the output, 8 x scale: 0 is none); LPIPS with --lpips, FID with --fid. Writes
-<out>.json, <out>.csv and, with matplotlib, <out>.png (metric vs steps). Checkpoints and the output folder are
-checked before the long work; an image that cannot be scored is reported and left out.
+convention; sharpness (gradient energy over the HR image's: below 1 is blurrier); blockiness (metrics.blockiness:
+how much the LR's JPEG block edges, 8 x scale pixels apart, show in the output; about 0 is none); LPIPS with
+--lpips, FID with --fid. Writes <out>.json, <out>.csv and, with matplotlib, <out>.png (metric vs steps). Checkpoints
+and the output folder are checked before the long work; an image that cannot be scored is reported and left out.
 
 The degraded-input protocol (--protocol web, fixed; or one kind with --lr-jpeg/--lr-noise): the 8-bit bicubic LR
 of each HR image, then Gaussian noise of std SIGMA (8-bit units, every channel, seeded by the image's index), then
@@ -119,7 +119,7 @@ def evaluate_kind(models, files, steps, seeds, lpips, crop, tile, fix_colors, va
         rows.append({"model": name, "steps": n, "seed": seed, "image": os.path.basename(path), "scale": scale,
                      "psnr": psnr_y(sr, hr, scale), "ssim": ssim_y(sr, hr, scale),
                      "sharpness": gradient_energy(sr) / max(gradient_energy(hr), 1e-9),
-                     "blockiness": blockiness(sr, 8 * scale)})
+                     "blockiness": blockiness(sr, scale)})
         if lpips is not None:
             with torch.no_grad():
                 rows[-1]["lpips"] = lpips(to_tensor(Image.fromarray(sr))[None], to_tensor(Image.fromarray(hr))[None]).item()

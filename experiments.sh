@@ -19,8 +19,9 @@
 #            plain objective from scratch; FAIR_STEPS (default 1,200) student steps each, per training seed, with
 #            validation PSNR every 100 steps; then scored on the held-out photos at DDIM 1-64 (results/distill_fair.*)
 #   real     the real-photo x4 (sample.py --real): x2 from the shipped x2 and x4 distilled from it, both on the photo
-#            degradation chain (data.photo_chain, teacher and student LR from one draw), a decoder fine-tune, written
-#            to assets/yonos_x4_real.pt; scored with the clean x4 under eval.py's web protocol (results/real_x4.*)
+#            degradation chain (data.photo_chain, teacher and student LR from one draw), a decoder fine-tune, then
+#            U-Net and decoder end to end (--with-unet), written to assets/yonos_x4_real.pt; scored with the clean x4
+#            under eval.py's web protocol (results/real_x4.*)
 #   variance where distillation can help: the two targets' distance and the two gradients' variance per timestep,
 #            for the shipped x2 -> x4 and x4 -> x8 pairs (results/variance.*)
 #   guided   why the guided student is poor at w = 0: a conditional x2 from the shipped x2, its guided student with
@@ -131,9 +132,11 @@ if has real; then   # the real-photo x4: the same chain as the shipped one on da
   $T $C --scale 2 --init assets/yonos_x2.pt --steps 1200 --out "$R/x2.pt"
   $T $C --scale 4 --teacher "$R/x2.pt" --steps 1000 --out "$R/x4.pt"
   $T $C --stage decoder --unet "$R/x4.pt" --lr 2e-4 --warmup 50 --steps 600 --out "$R/x4_dec.pt"
+  # then U-Net and decoder together, end to end through the one-step output (ours: --with-unet)
+  $T $C --stage decoder --with-unet --unet "$R/x4_dec.pt" --lr 1e-4 --warmup 50 --steps 1200 --out "$R/x4_e2e.pt"
   $PY -c "import sys, torch; from yonos import YonosSR; m = YonosSR.load(sys.argv[1]); m.meta.update(tile=32, \
-degradation='photo'); m.save(sys.argv[2], torch.float16)" "$R/x4_dec.pt" assets/yonos_x4_real.pt
-  stamp "real: x2, x4, decoder"
+degradation='photo'); m.save(sys.argv[2], torch.float16)" "$R/x4_e2e.pt" assets/yonos_x4_real.pt
+  stamp "real: x2, x4, decoder, end to end"
   for d in val test; do   # val: the split the recipe was chosen on; test: held out, reported
     $PY eval.py assets/yonos_x4.pt assets/yonos_x4_real.pt --protocol web --data photos/$d --threads 1 \
       --out results/real_x4_$d > results/real_x4_$d.txt

@@ -26,10 +26,9 @@ from conftest import (AC, HERE, TINY_SD2, make_hub_cache, photo, run_script, tin
 from data import SRPairs, degrade, to_tensor
 from model import add_guidance_embedding, add_lora, merged_state_dict
 from vae import AutoencoderKL
-from yonos import (DiffusionDiscriminator, YonosSR, alpha_sigma, discriminator_adversarial_loss,
-                   generator_adversarial_loss, one_step_prediction, ddim_step, ddim_timesteps, drop_condition,
-                   guided_distillation_loss, guided_v, predict_v, progressive_distillation_loss, q_sample,
-                   two_step_target)
+from yonos import (DiffusionDiscriminator, YonosSR, alpha_sigma, ddim_sample, ddim_step, ddim_timesteps, decoder_stage,
+                   discriminator_adversarial_loss, drop_condition, generator_adversarial_loss, guided_distillation_loss,
+                   guided_v, one_step_prediction, predict_v, progressive_distillation_loss, q_sample, two_step_target)
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
@@ -104,6 +103,32 @@ def test_decoder_stage_trains_only_the_decoder(tiny_chain):
         assert all(torch.equal(a[k], b[k]) for k in a), part
     a, b = before.vae.decoder.state_dict(), after.vae.decoder.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain, tmp_path):
+    """--with-unet: the head's forward on z_l is the model's one-step SR (the same noise, before the clamp), and
+    training moves the U-Net and the decoder, never the encoder."""
+    before = YonosSR.load(str(tiny_chain / "x4.pt")).eval()
+    head = decoder_stage(YonosSR.load(str(tiny_chain / "x4.pt")), with_unet=True).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z_l = before.encode(x)
+    noise = torch.randn(z_l.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = before.decode(ddim_sample(before.unet, z_l, before.context, before.alphas_cumprod, 1, noise))
+        got = head(z_l, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert {n.split(".")[0] for n, p in head.named_parameters() if p.requires_grad} == \
+        {"unet", "post_quant_conv", "decoder"}
+    train.main(tiny_cfg(tiny_chain, stage="decoder", unet=str(tiny_chain / "x4.pt"), out=str(tmp_path / "e2e.pt"),
+                        with_unet=True))
+    after = YonosSR.load(str(tmp_path / "e2e.pt"))
+    assert after.meta["decoder_with_unet"] is True
+    for part, moved in (("unet", True), ("vae.decoder", True), ("vae.encoder", False), ("vae.quant_conv", False)):
+        a, b = before.get_submodule(part).state_dict(), after.get_submodule(part).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a) == moved, part
+    with pytest.raises(SystemExit):
+        train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_unet=True,
+                            out=str(tmp_path / "no.pt")))
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_chain, tmp_path):
@@ -487,27 +512,42 @@ def test_the_sd_path_with_lora_through_a_local_hub_cache(tmp_path):
 
 @pytest.mark.parametrize("kind", ["photo", "realesrgan"])
 def test_the_teachers_and_students_lr_come_from_one_degradation_draw(kind):
-    """degrade_lr: the student's LR (x4) is exactly the teacher's (x2) resized, rounded and, for the photo chain,
-    JPEG-compressed at its own size with the one quality drawn (or not at all): one blur, noise and JPEG draw for
-    both, as scale distillation's nesting needs, with the blocks on each LR's own 8-pixel grid. Two separate draws
-    are far apart."""
-    from data import degrade_lr, jpeg, quantize, resize
+    """degrade_lr: the student's LR (x4) is exactly the teacher's (x2) resized, rounded and finished at its own size
+    by the draw's finish (the photo chain's JPEG, with its one quality and block phase, or nothing): one blur, noise
+    and JPEG draw for both, as scale distillation's nesting needs. The draw is replayed from the same seed to get
+    that finish. Two separate draws are far apart."""
+    from data import CHAINS, degrade_lr, quantize, resize, working_scale
     hr = to_tensor(Image.fromarray(skdata.astronaut()[100:228, 180:308]))[None]
     compressed = 0
     for seed in range(6):
         student, teacher = degrade_lr(hr, [4, 2], kind, torch.Generator().manual_seed(seed))
         assert student.shape[-1] == 32 and teacher.shape[-1] == 64
+        g = torch.Generator().manual_seed(seed)
+        _, finish = CHAINS[kind](hr, working_scale(4, g), g)  # the same draw, replayed
         down = quantize(resize(teacher, (32, 32)).clamp(-1, 1))
-        finishes = [down] + ([quantize(jpeg(down, q)) for q in range(30, 96)] if kind == "photo" else [])
-        err = [float((f - student).abs().max()) for f in finishes]
-        assert min(err) < 1e-6, (seed, min(err))
-        compressed += int(np.argmin(err) > 0)
+        assert float((quantize(finish(down)) - student).abs().max()) < 1e-6, seed
+        compressed += int(float((finish(down) - down).abs().max()) > 1e-6)
         other = degrade_lr(hr, [4], kind, torch.Generator().manual_seed(seed + 100))[0]
         assert (other - student).pow(2).mean() > 1e-3, seed
-    assert kind == "realesrgan" or compressed > 0, compressed  # the finish did compress (p = 0.8)
+    assert (kind == "realesrgan") == (compressed == 0), compressed  # the photo chain's finish did compress (p = 0.8)
     item = SRPairs(str(write_photos(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nest_{kind}"), n=2, size=96)),
                    64, 4, 2, kind, seed=0, say=lambda m: None)[3]
     assert set(item) == {"hr", "lr", "lr_teacher"}
+
+
+def test_jpeg_with_a_phase_is_a_crop_of_a_larger_jpeg():
+    """data.jpeg(crop, q, phase): the crop at (a, b) of a JPEG-compressed image, compressed on its own with the phase
+    (a % 16, b % 16), is that crop of the whole JPEG once past its first macroblock (whose hidden pixels it cannot
+    know), so the photo chain's blocks sit where a crop of a real JPEG has them; at phase 0 they start at the
+    crop's corner, and elsewhere they do not."""
+    from data import jpeg
+    x = to_tensor(Image.fromarray(skdata.astronaut()[200:264, 200:264]))[None]
+    whole = jpeg(x, 40)
+    for a, b in [(5, 9), (16, 3), (27, 30)]:
+        crop = jpeg(x[..., a:, b:], 40, (a % 16, b % 16))
+        ia, ib = 16 - a % 16 + 2, 16 - b % 16 + 2  # past the first macroblock and chroma's 2-px upsampling reach
+        assert float((crop - whole[..., a:, b:])[..., ia:, ib:].abs().max()) < 1e-6, (a, b)  # measured: 0
+        assert float((jpeg(x[..., a:, b:], 40) - whole[..., a:, b:])[..., ia:, ib:].abs().mean()) > 2 / 127.5, (a, b)
 
 
 def test_one_schedule_the_bundles_reaches_the_preconditioning_the_losses_and_the_sampler(tmp_path):

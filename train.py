@@ -5,6 +5,7 @@ Trains every stage of YONOS-SR, on a CPU, one CUDA GPU, or many (torchrun).
   python train.py --teacher x2.pt --scale 4 --data DIR       # x4 student by scale distillation
   python train.py --teacher x4.pt --scale 8 --data DIR       # x8 from x4
   python train.py --stage decoder --unet x4.pt --data DIR    # decoder fine-tune on the frozen one-step U-Net
+  python train.py --stage decoder --unet x4.pt --with-unet   # ... and the U-Net with it, end to end (ours)
   python train.py --stage vae --config tiny --data DIR       # tiny VAE from scratch (no Hub needed)
   python train.py --scale 2 --data DIR --lora-rank 16 --grad-checkpointing   # SD on a 16 GB GPU (README)
   torchrun --nproc_per_node=4 train.py ...                   # the same on 4 GPUs (DDP)
@@ -82,6 +83,8 @@ class TrainConfig:
     init: str = option("", "stage sr without --teacher: start the plain objective from this SR checkpoint's U-Net, "
                            "VAE and context, at --scale (e.g. x4 from an x2's weights)")
     unet: str = option("", "stage decoder: the SR checkpoint whose decoder is fine-tuned")
+    with_unet: bool = option(False, "stage decoder: train the U-Net too, end to end through its one-step output on "
+                                    "the same pixel loss (ours; YONOS-SR tunes the decoder alone)")
     teacher_steps: int = option(0, "stage steps: the teacher's DDIM steps N; the student learns N/2 (default: the "
                                    "count the teacher was distilled for)", low=0, high=1000)
     cond_drop: float = option(0.0, "stage sr: replace the LR latent by zeros with this probability, so the model "
@@ -145,6 +148,8 @@ class TrainConfig:
                 fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.stage == "vae" and not scratch:
             fail("--stage vae trains the tiny/small VAEs only (--config tiny or small); SD's VAE comes with --pretrained")
+        if self.with_unet and self.stage != "decoder":
+            fail("--with-unet belongs to --stage decoder (the other stages train the U-Net already)")
         if self.stage == "decoder" and not self.unet:
             fail("--stage decoder needs --unet CHECKPOINT (the frozen SR model whose decoder to fine-tune)")
         if self.stage == "sr" and scratch and not (self.vae or self.teacher or self.init):
@@ -480,24 +485,30 @@ def guided_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
 
 
 def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
-    """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN."""
+    """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN; with
+    --with-unet, the U-Net and the decoder together on the same loss (ours)."""
     bundle = YonosSR.load(cfg.unet, device=device)
     cfg.scale = bundle.scale  # the decoder is tuned at the scale its U-Net was trained for
-    head = decoder_stage(bundle)
+    head = decoder_stage(bundle, cfg.with_unet)
+    bundle.unet.gradient_checkpointing = cfg.grad_checkpointing and cfg.with_unet
+    bundle.meta["decoder_with_unet"] = cfg.with_unet
     lpips = LPIPS.load(cfg.lpips).to(device) if cfg.lpips else None
     disc = PatchDiscriminator(width=64 if cfg.config == "sd" else 16).to(device) if cfg.gan_weight > 0 else None
     ac = bundle.alphas_cumprod.to(device)
 
-    def loss(decoder, batch, g, step, disc_ddp):
+    def loss(head, batch, g, step, disc_ddp):
         with torch.no_grad():
             z_l = bundle.encode(batch["lr"])
-            z_h = ddim_sample(bundle.unet, z_l, bundle.context, ac, 1, torch.randn(z_l.shape, generator=g,
-                                                                                   device=z_l.device))
-        x_rec = decoder(z_h)
+            if not cfg.with_unet:
+                z_h = ddim_sample(bundle.unet, z_l, bundle.context, ac, 1, torch.randn(z_l.shape, generator=g,
+                                                                                       device=z_l.device))
+        x_rec = head(z_l, g) if cfg.with_unet else head(z_h)
         disc_step = (lambda: discriminator_loss(disc_ddp, x_rec, batch["hr"])) if disc is not None else None
         return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, disc_step
 
-    return Stage(head, loss, bundle, None, disc, (bundle.unet, bundle.vae.encoder), None, bundle.vae.config)
+    frozen = (bundle.vae.encoder,) + (() if cfg.with_unet else (bundle.unet,))
+    return Stage(head, loss, bundle, None, disc, frozen, bundle.unet.config if cfg.with_unet else None,
+                 bundle.vae.config)
 
 
 STAGES = {"vae": vae_stage, "sr": sr_stage, "decoder": decoder_fine_tune_stage, "steps": steps_stage,

@@ -594,23 +594,31 @@ def discriminator_loss(disc, x_rec, x_h):
 
 class DecoderStage(nn.Module):
     """What the decoder fine-tune trains (YONOS-SR sec. 3.3): the bundle's post_quant_conv and decoder, as one
-    module, so the optimiser and DDP see exactly these parameters. forward is the bundle's own decode."""
+    module, so the optimiser and DDP see exactly these parameters. forward is the bundle's own decode of z_h.
+    With `with_unet` (ours; the paper tunes the decoder alone) the U-Net is trained too, end to end through its
+    one-step output: forward then takes the LR latent z_l and is the model's one-step SR before the clamp."""
 
-    def __init__(self, bundle: YonosSR):
+    def __init__(self, bundle: YonosSR, with_unet: bool = False):
         super().__init__()
         self.post_quant_conv, self.decoder = bundle.vae.post_quant_conv, bundle.vae.decoder
-        object.__setattr__(self, "bundle", bundle)  # not a submodule: the U-Net and encoder stay outside
+        if with_unet:
+            self.unet = bundle.unet
+        object.__setattr__(self, "bundle", bundle)  # not a submodule: the encoder (and the U-Net, unless trained)
+        self.with_unet = with_unet                  # stay outside
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.with_unet:
+            b = self.bundle
+            z = one_step_prediction(self.unet, z, b.context.to(z.dtype), b.alphas_cumprod, generator).to(z.dtype)
         return self.bundle.decode(z)
 
 
-def decoder_stage(bundle: YonosSR) -> DecoderStage:
-    """Freezes the U-Net and the encoder (the one-step U-Net is final; the encoder makes z_l) and returns the
-    trainable decoder."""
+def decoder_stage(bundle: YonosSR, with_unet: bool = False) -> DecoderStage:
+    """Freezes the encoder (it makes z_l) and the U-Net (the one-step U-Net is final, unless `with_unet`) and
+    returns the trainable decoder."""
     bundle.unet.requires_grad_(False).eval()
     bundle.vae.requires_grad_(False).eval()
-    head = DecoderStage(bundle).requires_grad_(True).train()
-    frozen = [bundle.unet, bundle.vae.encoder, bundle.vae.quant_conv]
+    head = DecoderStage(bundle, with_unet).requires_grad_(True).train()
+    frozen = [bundle.vae.encoder, bundle.vae.quant_conv] + ([] if with_unet else [bundle.unet])
     assert not any(p.requires_grad for part in frozen for p in part.parameters())
     return head

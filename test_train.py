@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from skimage import data as skdata
 
+import runs
 import train
 import upscale
 from conftest import (AC, HERE, TINY_SD2, make_hub_cache, photo, run_script, tiny_sr_unet, write_photos,
@@ -129,6 +130,11 @@ def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain
     with pytest.raises(SystemExit):
         train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_unet=True,
                             out=str(tmp_path / "no.pt")))
+    dec = dict(stage="decoder", unet=str(tiny_chain / "x4.pt"), out=str(tmp_path / "dec.pt"))
+    train.main(tiny_cfg(tiny_chain, **dec))
+    with pytest.raises(SystemExit) as e:  # it defines the run: a decoder-only run does not resume with it
+        train.main(tiny_cfg(tiny_chain, **dec, with_unet=True, resume=True, steps=4))
+    assert e.value.code == 2
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_chain, tmp_path):
@@ -416,7 +422,7 @@ def test_grad_accum_2_with_batch_b_is_the_update_of_one_batch_of_2b(tiny_chain, 
 
 def test_ema_follows_its_formula_and_its_average_is_what_out_holds_and_resumes_exactly(tiny_chain, tmp_path):
     p = torch.nn.Parameter(torch.zeros(3))
-    ema, expect = train.EMA([p], 0.9), torch.zeros(3)
+    ema, expect = runs.EMA([p], 0.9), torch.zeros(3)
     for step in range(5):
         with torch.no_grad():
             p.add_(1.0)
@@ -440,7 +446,7 @@ def test_ema_follows_its_formula_and_its_average_is_what_out_holds_and_resumes_e
 
 
 def test_fp16_with_a_gradscaler_runs_on_a_cpu_and_skips_a_step_with_inf_gradients(tiny_chain, tmp_path):
-    prec = train.Precision("fp16", torch.device("cpu"))
+    prec = runs.Precision("fp16", torch.device("cpu"))
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([w], lr=0.1)
     with prec.autocast():

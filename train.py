@@ -12,19 +12,17 @@ Trains every stage of YONOS-SR, on a CPU, one CUDA GPU, or many (torchrun).
 
 How to read it: `train_step` (right below the configuration) is one step of the paper's loop: batch -> the
 stage's loss (yonos.py) -> backward -> optimiser step -> EMA; `train` runs it, with validation, logs and saves.
-Each stage (further down) says what it trains and which loss of yonos.py it uses. The plumbing (the run's files,
-lock, resume, interrupts, DDP, the memory plan) is in runs.py.
+Each stage (further down) says what it trains and which loss of yonos.py it uses. The plumbing (what a run holds:
+AdamW, precision, EMA; its files, lock, resume, interrupts, DDP, the memory plan) is in runs.py.
 
 Each run writes --out (the model file sample.py reads), `<out>.state` (weights, optimiser and step, for
 --resume) and `<out>.log.jsonl` (one line of metrics per --log-every steps). It refuses to replace an existing
 --out unless given --resume or --overwrite. Ctrl-C or SIGTERM saves the step reached and stops; --resume goes on
 from there, bit for bit as if never stopped.
 
-References: Noroozi et al., YONOS-SR, arXiv 2401.17258; Hu et al., LoRA, arXiv 2106.09685; Micikevicius et al.,
-Mixed Precision Training, arXiv 1710.03740.
+References: Noroozi et al., YONOS-SR, arXiv 2401.17258; Hu et al., LoRA, arXiv 2106.09685.
 """
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -41,9 +39,9 @@ from tqdm import tqdm
 from data import DEGRADATIONS, SRPairs, center_crops, degrade, to_image
 from files import fetch_json
 from metrics import LPIPS, psnr_y
-from model import UNET_PRESETS, UNet, add_lora, load_empty_prompt_context, merged_state_dict, widen_conv_in
-from runs import (Interrupts, RunFiles, StepSampler, fail, memory_plan, no_sync, quiet_worker, reads_of,
-                  setup_distributed, stop_requested, wrap)
+from model import UNET_PRESETS, UNet, add_lora, load_empty_prompt_context, widen_conv_in
+from runs import (Interrupts, Run, RunFiles, StepSampler, fail, memory_plan, no_sync, quiet_worker, reads_of,
+                  setup_distributed, stop_requested)
 from vae import VAE_PRESETS, AutoencoderKL
 from yonos import (DiffusionDiscriminator, PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage,
                    discriminator_adversarial_loss, discriminator_loss, distillation_student, drop_condition,
@@ -244,7 +242,7 @@ def train(cfg: TrainConfig, stage: "Stage", run: "Run", loader, val, start: int,
 
 
 # -----------------------------------------------------------------------------
-# optimisation: learning rate, AdamW, precision, EMA
+# optimisation: the learning rate (AdamW, precision and the EMA a run holds are in runs.py)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -253,81 +251,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
         lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
     return lr
-
-
-def optimizer(params, lr: float, device: torch.device, kind: str = "adamw", note=print, **kw) -> torch.optim.Optimizer:
-    """AdamW, fused into one kernel on CUDA; or bitsandbytes' 8-bit AdamW (Dettmers et al. 2021, arXiv 2110.02861),
-    whose moments take a quarter of the memory, where that package is installed (never required)."""
-    if kind == "adamw8bit":
-        try:
-            import bitsandbytes
-            return bitsandbytes.optim.AdamW8bit(params, lr=lr, **kw)
-        except ImportError:
-            note("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); using AdamW")
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda", **kw)
-
-
-class Precision:
-    """bf16 or fp16 autocast, or fp32. fp16 (for GPUs without bf16, such as a T4) keeps a GradScaler: the loss is
-    scaled up so small gradients survive fp16, gradients are unscaled before clipping, and a step whose gradients
-    overflowed is skipped and the scale lowered (Micikevicius et al. 2018, arXiv 1710.03740)."""
-
-    def __init__(self, name: str, device: torch.device):
-        if name == "auto":
-            name = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        self.device, self.name = device, name
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.name != "fp32" else contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def step(self, opt, params, clip: float) -> float:
-        """Clips and steps; returns the gradient norm before clipping (inf or nan: the step was skipped)."""
-        if self.scaler:
-            self.scaler.unscale_(opt)
-        norm = float(nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-        if self.scaler:
-            self.scaler.step(opt)  # skips the update by itself when the gradients hold inf or nan
-            self.scaler.update()
-        elif math.isfinite(norm):
-            opt.step()
-        return norm
-
-
-class EMA:
-    """An exponential moving average of the trained parameters: after optimiser step t,
-        ema <- d_t ema + (1 - d_t) theta,   d_t = min(decay, (1 + t) / (10 + t)),
-    the warm-up of d_t so early weights, far from the end, are forgotten fast (as diffusers' EMAModel). The average
-    is what --out holds (`swap` exchanges it with the live weights for saving and validating)."""
-
-    def __init__(self, params: list[nn.Parameter], decay: float):
-        self.decay, self.shadow = decay, [p.detach().clone().float() for p in params]
-
-    @torch.no_grad()
-    def update(self, params: list[nn.Parameter], step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.shadow, params):
-            e.mul_(d).add_(p.detach().float(), alpha=1 - d)
-
-    @torch.no_grad()
-    def swap(self, params: list[nn.Parameter]) -> None:
-        """Exchanges the average and the live weights in place, one tensor at a time (no second copy of the model)."""
-        for e, p in zip(self.shadow, params):
-            live = p.detach().clone()
-            p.copy_(e)
-            e.copy_(live)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise ValueError("the EMA holds another set of parameters")
-        self.shadow = [s.to(e.device, e.dtype) for s, e in zip(state["shadow"], self.shadow)]
 
 
 # -----------------------------------------------------------------------------
@@ -538,124 +461,6 @@ def validate(stage: Stage, val: torch.Tensor, scale: int, degradation: str = "bi
         result = {"val_psnr": score(model.super_resolve(x_up, steps, noise)), "val_psnr_bicubic": score(x_up)}
     stage.trained.train(was)
     return result
-
-
-# -----------------------------------------------------------------------------
-# a run: what train_step works with, and how it is saved and resumed
-
-
-class Run:
-    """The trained module (DDP-wrapped), its optimiser, precision, EMA and discriminator, and the run's files."""
-
-    def __init__(self, cfg: TrainConfig, stage: Stage, files: RunFiles, rank: int, world: int, device, note):
-        self.cfg, self.stage, self.files, self.rank, self.world, self.device = cfg, stage, files, rank, world, device
-        self.model, self.disc = wrap(stage.trained, world, device), wrap(stage.disc, world, device)
-        self.params = [p for p in stage.trained.parameters() if p.requires_grad]
-        self.opt = optimizer(self.params, cfg.lr, device, cfg.optimizer, note, weight_decay=cfg.weight_decay)
-        self.disc_params = [p for p in stage.disc.parameters() if p.requires_grad] if stage.disc else []
-        self.opt_d = optimizer(self.disc_params, cfg.lr, device, betas=(0.5, 0.9)) if stage.disc else None
-        for p in self.disc_params:  # the generator's loss reads the discriminator but does not train it
-            p.requires_grad_(False)
-        self.precision = Precision(cfg.precision, device)
-        self.disc_precision = Precision(self.precision.name, device)
-        self.ema = EMA(self.params, cfg.ema) if cfg.ema else None
-        self.names = [n for n, p in stage.trained.named_parameters() if p.requires_grad]
-
-    def generator(self, step: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(self.cfg.seed * 7919 + step * self.world + self.rank)
-
-    def diverged(self, why: str):
-        last = f"the last good checkpoint is {self.cfg.out}" if self.files.saved or self.cfg.resume else \
-            "nothing was written"
-        print(f"train.py: error: {why}; stopping ({last})", file=sys.stderr)
-        raise SystemExit(1)
-
-    def discriminator_step(self, disc_steps: list) -> float:
-        """The discriminator's step on the micro-batches' detached outputs, after the generator's."""
-        for p in self.disc_params:
-            p.requires_grad_(True)
-        self.opt_d.zero_grad(set_to_none=True)
-        total = 0.0
-        for d in disc_steps:
-            with self.disc_precision.autocast():
-                loss_d = d() / len(disc_steps)
-            self.disc_precision.backward(loss_d)
-            total += loss_d.item()
-        self.disc_precision.step(self.opt_d, self.disc_params, 0.0)
-        for p in self.disc_params:
-            p.requires_grad_(False)
-        return total
-
-    @contextlib.contextmanager
-    def saved_weights(self):
-        """Within it, the trained module holds what --out holds: the EMA weights if kept, else the live ones."""
-        if self.ema is not None:
-            self.ema.swap(self.params)
-        try:
-            yield
-        finally:
-            if self.ema is not None:
-                self.ema.swap(self.params)
-
-    def state(self, step: int) -> dict:
-        """The resume state: the trained parameters (only the adapters and conv_in with LoRA), the optimiser, the
-        step, the EMA, the GradScaler and the discriminator."""
-        model = self.stage.trained.state_dict()
-        if self.cfg.lora_rank:
-            model = {k: v for k, v in model.items() if k in self.names}
-        state = {"model": model, "optimizer": self.opt.state_dict(), "step": step, "stage": self.cfg.stage,
-                 "scale": self.cfg.scale}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        if self.precision.scaler is not None:
-            state["scaler"] = self.precision.scaler.state_dict()
-        if self.stage.disc is not None:
-            state |= {"disc": self.stage.disc.state_dict(), "optimizer_d": self.opt_d.state_dict()}
-        return state
-
-    def save(self, step: int) -> None:
-        """--out (the EMA weights if kept, LoRA merged) and <out>.state; a non-finite weight stops the run and keeps
-        the last good files."""
-        if self.rank:
-            return
-        bundle = self.stage.bundle
-        if isinstance(bundle, YonosSR):
-            bundle.meta["step"] = step
-            # the HR crop the U-Net was trained on: sample.py tiles at its latent size by default (attention and
-            # group norm see the whole tile, and a small model trained on small crops degrades on larger tiles)
-            if self.cfg.stage == "sr" or "train_crop" not in bundle.meta:
-                bundle.meta["train_crop"] = self.cfg.crop
-            if self.cfg.ema:
-                bundle.meta["ema"] = self.cfg.ema
-
-        def model_file(path):
-            with self.saved_weights():
-                if isinstance(bundle, YonosSR) and self.cfg.lora_rank:
-                    bundle.save(path, unet_state=merged_state_dict(bundle.unet))
-                else:
-                    bundle.save(path)
-        if not self.files.save(model_file, self.state(step)):
-            self.diverged(f"the weights are not finite at step {step}")
-
-    def resume(self) -> int:
-        """Loads <out>.state (after runs.RunFiles.load has checked it is this run's); returns the step to go on from."""
-        state = self.files.load(self.device)
-        try:
-            self.stage.trained.load_state_dict(state["model"], strict=not self.cfg.lora_rank)
-            if self.cfg.lora_rank and set(state["model"]) != set(self.names):
-                raise ValueError("it holds other adapters")
-            self.opt.load_state_dict(state["optimizer"])
-            if self.ema is not None:
-                self.ema.load_state_dict(state["ema"])
-            if self.precision.scaler is not None:
-                self.precision.scaler.load_state_dict(state["scaler"])
-            if self.stage.disc is not None:
-                self.stage.disc.load_state_dict(state["disc"])
-                self.opt_d.load_state_dict(state["optimizer_d"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            fail(f"{self.files.state}: does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        self.files.resume(state["step"])
-        return state["step"]
 
 
 # -----------------------------------------------------------------------------

@@ -56,6 +56,36 @@ def run_script(args, env=None, cwd=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
+# the hostile-input tests' helpers (test_hostile.py, test_hostile_runs.py)
+
+
+def one_line(err: str) -> str:
+    """The one line of a refusal (asserting there is exactly one and no traceback)."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def temps(folder) -> list[str]:
+    """Temporary files an atomic write left behind (there must be none)."""
+    return [p for p in os.listdir(folder) if p.endswith(".tmp") or ".tmp" in p]
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    """A random tiny VAE file, for the tiny x2 runs of train.py."""
+    path = str(tmp_path_factory.mktemp("vae") / "vae.pt")
+    torch.manual_seed(0)
+    AutoencoderKL(VAE_PRESETS["tiny"]).save(path)
+    return path
+
+
+def train_args(tmp_path, vae_file, *extra, steps=4):
+    """train.py's arguments for a tiny x2 run on tmp_path/photos into tmp_path/x2.pt."""
+    return [os.path.join(HERE, "train.py"), "--config", "tiny", "--vae", vae_file, "--data", str(tmp_path / "photos"),
+            "--crop", "32", "--batch-size", "2", "--steps", str(steps), "--out", str(tmp_path / "x2.pt"), *extra]
+
+
 # two tiny U-Nets, one per SD family: conv projection + one head count (SD 1.x),
 # linear projection + per-level heads + upcast attention (SD 2.x)
 TINY_SD1 = UNetConfig(block_out_channels=(32, 64), attn_levels=(True, False), layers_per_block=2,

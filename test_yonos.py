@@ -2,7 +2,8 @@
 Tests for yonos, the library: the model stack against diffusers and transformers, loading from a local Hub cache,
 the method (schedule, conversions, DDIM, losses), and the README's reading guide and the course pack's build, which
 point at it. Training is tested in test_train.py, using a model in test_sample_eval.py, hostile inputs in
-test_hostile.py. CPU only, offline, tiny configs; slow checks are marked `slow` and run only with `pytest -m slow`.
+test_hostile.py and test_hostile_runs.py. CPU only, offline, tiny configs; slow checks are marked `slow` and run
+only with `pytest -m slow`.
 """
 import copy
 import json

@@ -83,7 +83,7 @@ def blockiness(img: np.ndarray, scale: int = 1, block: int = 8) -> float:
     grid (the HR photo, a bicubic upscale of a clean LR), positive as blocks show. The window spans one period of an
     upscaler's own sub-pixel pattern, so that pattern cancels. (Our first measure, the amplitude of the grid's
     Fourier component, is never below the content's noise floor: on 384-px crops it scored clean bicubic upscales,
-    which have no grid, above JPEG q50 ones; test_yonos checks this one rises with compression.)"""
+    which have no grid, above JPEG q50 ones; test_sample_eval checks this one rises with compression.)"""
     y = rgb_to_y(img)
     period, offsets = block * scale, np.arange(-((scale - 1) // 2), scale // 2 + 1)
     excess = []

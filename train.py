@@ -43,7 +43,7 @@ from model import UNET_PRESETS, UNet, add_lora, load_empty_prompt_context, widen
 from runs import (Interrupts, Run, RunFiles, StepSampler, fail, memory_plan, no_sync, quiet_worker, reads_of,
                   setup_distributed, stop_requested)
 from vae import VAE_PRESETS, AutoencoderKL
-from yonos import (DiffusionDiscriminator, PatchDiscriminator, YonosSR, ddim_sample, decoder_loss, decoder_stage,
+from yonos import (DiffusionDiscriminator, PatchDiscriminator, YonosSR, decoder_loss, decoder_stage,
                    discriminator_adversarial_loss, discriminator_loss, distillation_student, drop_condition,
                    generator_adversarial_loss, guided_distillation_loss, guided_student, latent_scaling_factor,
                    make_alphas_cumprod, one_step_prediction, plain_start, progressive_distillation_loss,
@@ -417,15 +417,11 @@ def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say, note) -
     bundle.meta["decoder_with_unet"] = cfg.with_unet
     lpips = LPIPS.load(cfg.lpips).to(device) if cfg.lpips else None
     disc = PatchDiscriminator(width=64 if cfg.config == "sd" else 16).to(device) if cfg.gan_weight > 0 else None
-    ac = bundle.alphas_cumprod.to(device)
 
     def loss(head, batch, g, step, disc_ddp):
         with torch.no_grad():
             z_l = bundle.encode(batch["lr"])
-            if not cfg.with_unet:
-                z_h = ddim_sample(bundle.unet, z_l, bundle.context, ac, 1, torch.randn(z_l.shape, generator=g,
-                                                                                       device=z_l.device))
-        x_rec = head(z_l, g) if cfg.with_unet else head(z_h)
+        x_rec = head(z_l, g)
         disc_step = (lambda: discriminator_loss(disc_ddp, x_rec, batch["hr"])) if disc is not None else None
         return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, disc_step
 

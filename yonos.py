@@ -594,23 +594,21 @@ def discriminator_loss(disc, x_rec, x_h):
 
 class DecoderStage(nn.Module):
     """What the decoder fine-tune trains (YONOS-SR sec. 3.3): the bundle's post_quant_conv and decoder, as one
-    module, so the optimiser and DDP see exactly these parameters. forward is the bundle's own decode of z_h.
-    With `with_unet` (ours; the paper tunes the decoder alone) the U-Net is trained too, end to end through its
-    one-step output: forward then takes the LR latent z_l and is the model's one-step SR before the clamp."""
+    module, so the optimiser and DDP see exactly these parameters; with `with_unet` (ours; the paper tunes the
+    decoder alone), the U-Net too. forward is the model's one-step SR from the LR latent z_l, before the clamp: the
+    frozen U-Net, when it is frozen, records nothing for backward, so only the decoder learns."""
 
     def __init__(self, bundle: YonosSR, with_unet: bool = False):
         super().__init__()
         self.post_quant_conv, self.decoder = bundle.vae.post_quant_conv, bundle.vae.decoder
         if with_unet:
             self.unet = bundle.unet
-        object.__setattr__(self, "bundle", bundle)  # not a submodule: the encoder (and the U-Net, unless trained)
-        self.with_unet = with_unet                  # stay outside
+        object.__setattr__(self, "bundle", bundle)  # not a submodule: the encoder (and a frozen U-Net) stay outside
 
-    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.with_unet:
-            b = self.bundle
-            z = one_step_prediction(self.unet, z, b.context.to(z.dtype), b.alphas_cumprod, generator).to(z.dtype)
-        return self.bundle.decode(z)
+    def forward(self, z_l: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        b = self.bundle
+        z_h = one_step_prediction(b.unet, z_l, b.context.to(z_l.dtype), b.alphas_cumprod, generator)
+        return b.decode(z_h.to(z_l.dtype))
 
 
 def decoder_stage(bundle: YonosSR, with_unet: bool = False) -> DecoderStage:

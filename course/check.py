@@ -6,7 +6,7 @@ CI's check of the course pack (course/README.md):
   3. in the student copy, every other test of the suite either passes or fails only because some task raises
      its NotImplementedError: the blanks break nothing else;
   4. every task's tests pass on a second correct implementation written differently from the solution
-     (COURSE_ALTERNATIVE=1, test_tasks.ALTERNATIVES): the tests grade the property, not the solution's arithmetic.
+     (COURSE_ALTERNATIVE=1, implementations.ALTERNATIVES): the tests grade the property, not the solution's arithmetic.
 
   python course/check.py        # exit 0 when all hold; a line per failed point otherwise
 """

@@ -107,8 +107,8 @@ def test_decoder_stage_trains_only_the_decoder(tiny_chain):
 
 
 def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain, tmp_path):
-    """--with-unet: the head's forward on z_l is the model's one-step SR (the same noise, before the clamp), and
-    training moves the U-Net and the decoder, never the encoder."""
+    """--with-unet: the head's forward on the upsampled LR is the model's one-step SR (the same noise, before the
+    clamp), and training moves the U-Net and the decoder, never the encoder."""
     before = YonosSR.load(str(tiny_chain / "x4.pt")).eval()
     head = decoder_stage(YonosSR.load(str(tiny_chain / "x4.pt")), with_unet=True).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -116,7 +116,7 @@ def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain
     noise = torch.randn(z_l.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = before.decode(ddim_sample(before.unet, z_l, before.context, before.alphas_cumprod, 1, noise))
-        got = head(z_l, torch.Generator().manual_seed(3))
+        got = head(x, torch.Generator().manual_seed(3))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert {n.split(".")[0] for n, p in head.named_parameters() if p.requires_grad} == \
         {"unet", "post_quant_conv", "decoder"}
@@ -134,6 +134,28 @@ def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain
     train.main(tiny_cfg(tiny_chain, **dec))
     with pytest.raises(SystemExit) as e:  # it defines the run: a decoder-only run does not resume with it
         train.main(tiny_cfg(tiny_chain, **dec, with_unet=True, resume=True, steps=4))
+    assert e.value.code == 2
+
+
+def test_decoder_stage_with_encoder_trains_what_makes_the_lr_latent(tiny_chain, tmp_path):
+    """--with-encoder: the encoder and quant_conv learn too (the U-Net only with --with-unet); the head's forward
+    is still the one-step SR; the option belongs to the decoder stage and a resume must match it."""
+    head = decoder_stage(YonosSR.load(str(tiny_chain / "x4.pt")), with_encoder=True)
+    assert {n.split(".")[0] for n, p in head.named_parameters() if p.requires_grad} == \
+        {"encoder", "quant_conv", "post_quant_conv", "decoder"}
+    before = YonosSR.load(str(tiny_chain / "x4.pt"))
+    cfg = dict(stage="decoder", unet=str(tiny_chain / "x4.pt"), out=str(tmp_path / "enc.pt"), with_encoder=True)
+    train.main(tiny_cfg(tiny_chain, **cfg))
+    after = YonosSR.load(str(tmp_path / "enc.pt"))
+    assert after.meta["decoder_with_encoder"] is True
+    for part, moved in (("unet", False), ("vae.decoder", True), ("vae.encoder", True), ("vae.quant_conv", True)):
+        a, b = before.get_submodule(part).state_dict(), after.get_submodule(part).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a) == moved, part
+    with pytest.raises(SystemExit):
+        train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_encoder=True,
+                            out=str(tmp_path / "no.pt")))
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_cfg(tiny_chain, **(cfg | dict(with_encoder=False)), resume=True, steps=4))
     assert e.value.code == 2
 
 

@@ -6,6 +6,7 @@ Trains every stage of YONOS-SR, on a CPU, one CUDA GPU, or many (torchrun).
   python train.py --teacher x4.pt --scale 8 --data DIR       # x8 from x4
   python train.py --stage decoder --unet x4.pt --data DIR    # decoder fine-tune on the frozen one-step U-Net
   python train.py --stage decoder --unet x4.pt --with-unet   # ... and the U-Net with it, end to end (ours)
+  python train.py --stage decoder --unet x4.pt --with-unet --with-encoder   # ... and the encoder too (ours)
   python train.py --stage vae --config tiny --data DIR       # tiny VAE from scratch (no Hub needed)
   python train.py --scale 2 --data DIR --lora-rank 16 --grad-checkpointing   # SD on a 16 GB GPU (README)
   torchrun --nproc_per_node=4 train.py ...                   # the same on 4 GPUs (DDP)
@@ -83,6 +84,9 @@ class TrainConfig:
     unet: str = option("", "stage decoder: the SR checkpoint whose decoder is fine-tuned")
     with_unet: bool = option(False, "stage decoder: train the U-Net too, end to end through its one-step output on "
                                     "the same pixel loss (ours; YONOS-SR tunes the decoder alone)")
+    with_encoder: bool = option(False, "stage decoder: train the VAE encoder too, the one that makes the LR latent, "
+                                       "so it learns to read degraded inputs (ours, as OSEDiff does; the HR side is "
+                                       "never encoded at this stage)")
     teacher_steps: int = option(0, "stage steps: the teacher's DDIM steps N; the student learns N/2 (default: the "
                                    "count the teacher was distilled for)", low=0, high=1000)
     cond_drop: float = option(0.0, "stage sr: replace the LR latent by zeros with this probability, so the model "
@@ -148,6 +152,8 @@ class TrainConfig:
             fail("--stage vae trains the tiny/small VAEs only (--config tiny or small); SD's VAE comes with --pretrained")
         if self.with_unet and self.stage != "decoder":
             fail("--with-unet belongs to --stage decoder (the other stages train the U-Net already)")
+        if self.with_encoder and self.stage != "decoder":
+            fail("--with-encoder belongs to --stage decoder (the other stages need the encoder as it is)")
         if self.stage == "decoder" and not self.unet:
             fail("--stage decoder needs --unet CHECKPOINT (the frozen SR model whose decoder to fine-tune)")
         if self.stage == "sr" and scratch and not (self.vae or self.teacher or self.init):
@@ -409,23 +415,24 @@ def guided_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
 
 def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
     """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN; with
-    --with-unet, the U-Net and the decoder together on the same loss (ours)."""
+    --with-unet, the U-Net and the decoder together on the same loss, and with --with-encoder the encoder that reads
+    the LR image too (ours)."""
     bundle = YonosSR.load(cfg.unet, device=device)
     cfg.scale = bundle.scale  # the decoder is tuned at the scale its U-Net was trained for
-    head = decoder_stage(bundle, cfg.with_unet)
+    head = decoder_stage(bundle, cfg.with_unet, cfg.with_encoder)
     bundle.unet.gradient_checkpointing = cfg.grad_checkpointing and cfg.with_unet
     bundle.meta["decoder_with_unet"] = cfg.with_unet
+    if cfg.with_encoder:
+        bundle.meta["decoder_with_encoder"] = True
     lpips = LPIPS.load(cfg.lpips).to(device) if cfg.lpips else None
     disc = PatchDiscriminator(width=64 if cfg.config == "sd" else 16).to(device) if cfg.gan_weight > 0 else None
 
     def loss(head, batch, g, step, disc_ddp):
-        with torch.no_grad():
-            z_l = bundle.encode(batch["lr"])
-        x_rec = head(z_l, g)
+        x_rec = head(batch["lr"], g)
         disc_step = (lambda: discriminator_loss(disc_ddp, x_rec, batch["hr"])) if disc is not None else None
         return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, disc_step
 
-    frozen = (bundle.vae.encoder,) + (() if cfg.with_unet else (bundle.unet,))
+    frozen = (() if cfg.with_encoder else (bundle.vae.encoder,)) + (() if cfg.with_unet else (bundle.unet,))
     return Stage(head, loss, bundle, None, disc, frozen, bundle.unet.config if cfg.with_unet else None,
                  bundle.vae.config)
 

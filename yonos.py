@@ -595,28 +595,32 @@ def discriminator_loss(disc, x_rec, x_h):
 class DecoderStage(nn.Module):
     """What the decoder fine-tune trains (YONOS-SR sec. 3.3): the bundle's post_quant_conv and decoder, as one
     module, so the optimiser and DDP see exactly these parameters; with `with_unet` (ours; the paper tunes the
-    decoder alone), the U-Net too. forward is the model's one-step SR from the LR latent z_l, before the clamp: the
-    frozen U-Net, when it is frozen, records nothing for backward, so only the decoder learns."""
+    decoder alone), the U-Net too, and with `with_encoder` (ours, as OSEDiff tunes it) the encoder that makes z_l.
+    forward is the model's one-step SR of the upsampled LR image, before the clamp: a frozen part records nothing
+    for backward, so only what is trained learns."""
 
-    def __init__(self, bundle: YonosSR, with_unet: bool = False):
+    def __init__(self, bundle: YonosSR, with_unet: bool = False, with_encoder: bool = False):
         super().__init__()
         self.post_quant_conv, self.decoder = bundle.vae.post_quant_conv, bundle.vae.decoder
         if with_unet:
             self.unet = bundle.unet
-        object.__setattr__(self, "bundle", bundle)  # not a submodule: the encoder (and a frozen U-Net) stay outside
+        if with_encoder:
+            self.encoder, self.quant_conv = bundle.vae.encoder, bundle.vae.quant_conv
+        object.__setattr__(self, "bundle", bundle)  # not a submodule: the frozen parts stay outside
 
-    def forward(self, z_l: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x_up: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b = self.bundle
+        z_l = b.encode(x_up)
         z_h = one_step_prediction(b.unet, z_l, b.context.to(z_l.dtype), b.alphas_cumprod, generator)
         return b.decode(z_h.to(z_l.dtype))
 
 
-def decoder_stage(bundle: YonosSR, with_unet: bool = False) -> DecoderStage:
-    """Freezes the encoder (it makes z_l) and the U-Net (the one-step U-Net is final, unless `with_unet`) and
-    returns the trainable decoder."""
+def decoder_stage(bundle: YonosSR, with_unet: bool = False, with_encoder: bool = False) -> DecoderStage:
+    """Freezes the encoder (it makes z_l) and the U-Net (the one-step U-Net is final), unless `with_encoder` or
+    `with_unet`, and returns the trainable decoder."""
     bundle.unet.requires_grad_(False).eval()
     bundle.vae.requires_grad_(False).eval()
-    head = DecoderStage(bundle, with_unet).requires_grad_(True).train()
-    frozen = [bundle.vae.encoder, bundle.vae.quant_conv] + ([] if with_unet else [bundle.unet])
+    head = DecoderStage(bundle, with_unet, with_encoder).requires_grad_(True).train()
+    frozen = ([] if with_encoder else [bundle.vae.encoder, bundle.vae.quant_conv]) + ([] if with_unet else [bundle.unet])
     assert not any(p.requires_grad for part in frozen for p in part.parameters())
     return head

@@ -97,13 +97,17 @@ def test_tiny_chain_checkpoints_load_and_sample(tiny_chain):
     assert YonosSR.load(str(tiny_chain / "x8.pt")).meta["teacher"] == "x4.pt"
 
 
+def assert_moved(before: YonosSR, after: YonosSR, **moved: bool):
+    """Which of the model's parts (unet, or the VAE's decoder, encoder, quant_conv) training changed."""
+    for part, want in moved.items():
+        a = before.get_submodule(part if part == "unet" else "vae." + part).state_dict()
+        b = after.get_submodule(part if part == "unet" else "vae." + part).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a) == want, part
+
+
 def test_decoder_stage_trains_only_the_decoder(tiny_chain):
     before, after = YonosSR.load(str(tiny_chain / "x4.pt")), YonosSR.load(str(tiny_chain / "x4_dec.pt"))
-    for part in ("unet", "vae.encoder", "vae.quant_conv"):
-        a, b = before.get_submodule(part).state_dict(), after.get_submodule(part).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), part
-    a, b = before.vae.decoder.state_dict(), after.vae.decoder.state_dict()
-    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert_moved(before, after, unet=False, decoder=True, encoder=False, quant_conv=False)
 
 
 def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain, tmp_path):
@@ -124,9 +128,7 @@ def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain
                         with_unet=True))
     after = YonosSR.load(str(tmp_path / "e2e.pt"))
     assert after.meta["decoder_with_unet"] is True
-    for part, moved in (("unet", True), ("vae.decoder", True), ("vae.encoder", False), ("vae.quant_conv", False)):
-        a, b = before.get_submodule(part).state_dict(), after.get_submodule(part).state_dict()
-        assert any(not torch.equal(a[k], b[k]) for k in a) == moved, part
+    assert_moved(before, after, unet=True, decoder=True, encoder=False, quant_conv=False)
     with pytest.raises(SystemExit):
         train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_unet=True,
                             out=str(tmp_path / "no.pt")))
@@ -148,9 +150,7 @@ def test_decoder_stage_with_encoder_trains_what_makes_the_lr_latent(tiny_chain, 
     train.main(tiny_cfg(tiny_chain, **cfg))
     after = YonosSR.load(str(tmp_path / "enc.pt"))
     assert after.meta["decoder_with_encoder"] is True
-    for part, moved in (("unet", False), ("vae.decoder", True), ("vae.encoder", True), ("vae.quant_conv", True)):
-        a, b = before.get_submodule(part).state_dict(), after.get_submodule(part).state_dict()
-        assert any(not torch.equal(a[k], b[k]) for k in a) == moved, part
+    assert_moved(before, after, unet=False, decoder=True, encoder=True, quant_conv=True)
     with pytest.raises(SystemExit):
         train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_encoder=True,
                             out=str(tmp_path / "no.pt")))

@@ -44,7 +44,7 @@ def fail(msg: str):
 # the options that define what a run trains: --resume refuses to continue a run saved with other values
 IDENTITY = ("stage", "config", "scale", "pretrained", "vae", "teacher", "init", "unet", "with_unet", "with_encoder",
             "teacher_steps", "degradation", "crop", "batch_size", "grad_accum", "seed", "cond_drop", "w_max",
-            "lora_rank", "lora_alpha", "ema", "adv_weight", "gan_weight", "lpips")
+            "lora_rank", "lora_alpha", "ema", "adv_weight", "gan_weight", "mse_weight", "lpips")
 
 # -----------------------------------------------------------------------------
 # the run's files

@@ -105,6 +105,18 @@ def assert_moved(before: YonosSR, after: YonosSR, **moved: bool):
         assert any(not torch.equal(a[k], b[k]) for k in a) == want, part
 
 
+def assert_decoder_stage_option(tiny_chain, tmp_path, **option):
+    """A decoder-stage option (--with-unet, --with-encoder, --mse-weight): refused on another stage, and it defines
+    the run: a decoder-stage run without it does not resume with it (exit 2)."""
+    with pytest.raises(SystemExit):
+        train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), out=str(tmp_path / "no.pt"), **option))
+    dec = dict(stage="decoder", unet=str(tiny_chain / "x4.pt"), out=str(tmp_path / "dec.pt"))
+    train.main(tiny_cfg(tiny_chain, **dec))
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_cfg(tiny_chain, **dec, **option, resume=True, steps=4))
+    assert e.value.code == 2
+
+
 def test_decoder_stage_trains_only_the_decoder(tiny_chain):
     before, after = YonosSR.load(str(tiny_chain / "x4.pt")), YonosSR.load(str(tiny_chain / "x4_dec.pt"))
     assert_moved(before, after, unet=False, decoder=True, encoder=False, quant_conv=False)
@@ -129,14 +141,7 @@ def test_decoder_stage_with_unet_trains_the_one_step_model_end_to_end(tiny_chain
     after = YonosSR.load(str(tmp_path / "e2e.pt"))
     assert after.meta["decoder_with_unet"] is True
     assert_moved(before, after, unet=True, decoder=True, encoder=False, quant_conv=False)
-    with pytest.raises(SystemExit):
-        train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_unet=True,
-                            out=str(tmp_path / "no.pt")))
-    dec = dict(stage="decoder", unet=str(tiny_chain / "x4.pt"), out=str(tmp_path / "dec.pt"))
-    train.main(tiny_cfg(tiny_chain, **dec))
-    with pytest.raises(SystemExit) as e:  # it defines the run: a decoder-only run does not resume with it
-        train.main(tiny_cfg(tiny_chain, **dec, with_unet=True, resume=True, steps=4))
-    assert e.value.code == 2
+    assert_decoder_stage_option(tiny_chain, tmp_path, with_unet=True)
 
 
 def test_decoder_stage_with_encoder_trains_what_makes_the_lr_latent(tiny_chain, tmp_path):
@@ -151,12 +156,25 @@ def test_decoder_stage_with_encoder_trains_what_makes_the_lr_latent(tiny_chain, 
     after = YonosSR.load(str(tmp_path / "enc.pt"))
     assert after.meta["decoder_with_encoder"] is True
     assert_moved(before, after, unet=False, decoder=True, encoder=True, quant_conv=True)
-    with pytest.raises(SystemExit):
-        train.main(tiny_cfg(tiny_chain, scale=2, vae=str(tiny_chain / "vae.pt"), with_encoder=True,
-                            out=str(tmp_path / "no.pt")))
-    with pytest.raises(SystemExit) as e:
-        train.main(tiny_cfg(tiny_chain, **(cfg | dict(with_encoder=False)), resume=True, steps=4))
-    assert e.value.code == 2
+    assert_decoder_stage_option(tiny_chain, tmp_path, with_encoder=True)
+
+
+def test_decoder_stage_mse_weight_adds_the_squared_error_of_the_same_output(tiny_chain, tmp_path):
+    """--mse-weight W: the decoder stage's loss is the paper's L1 plus W x the mean squared error of the same one-step
+    output (the same noise draw); the option belongs to the decoder stage and a resume must match it."""
+    x_h = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch, loss = {"hr": x_h, "lr": degrade(x_h, 4)}, {}
+    for w in (0.0, 10.0):
+        cfg = tiny_cfg(tiny_chain, stage="decoder", unet=str(tiny_chain / "x4.pt"), with_unet=True, mse_weight=w)
+        stage = train.decoder_fine_tune_stage(cfg.resolve(), torch.device("cpu"), print, print)
+        stage.trained.eval()
+        loss[w] = stage.loss(stage.trained, batch, torch.Generator().manual_seed(5), 0, None)[0]
+    with torch.no_grad():
+        x_rec = stage.trained(batch["lr"], torch.Generator().manual_seed(5))
+    mse = ((x_rec - x_h) ** 2).mean()
+    assert mse > 1e-4
+    torch.testing.assert_close(loss[10.0].detach(), loss[0.0].detach() + 10 * mse, rtol=1e-5, atol=1e-6)
+    assert_decoder_stage_option(tiny_chain, tmp_path, mse_weight=1.0)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_chain, tmp_path):

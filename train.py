@@ -118,6 +118,8 @@ class TrainConfig:
     lpips: str = option("", "stage decoder: folder or Hub repo id with LPIPS weights (vgg16-397923af.pth, "
                             "vgg.pth); default: no LPIPS")
     gan_weight: float = option(0.0, "stage decoder: patch-GAN hinge weight (0: no discriminator)", low=0.0)
+    mse_weight: float = option(0.0, "stage decoder: add this weight x the mean squared error (images in [-1, 1]) to "
+                                    "the L1, the loss PSNR measures (ours; 0: the paper's L1 alone)", low=0.0)
     adv_weight: float = option(0.0, "stage sr: weight of D3SR's diffusion-discriminator loss on the one-step output "
                                     "(0: none)", low=0.0)
     adv_start: int = option(0, "stage sr: the adversarial term (and the discriminator's training) starts at this step",
@@ -154,6 +156,8 @@ class TrainConfig:
             fail("--with-unet belongs to --stage decoder (the other stages train the U-Net already)")
         if self.with_encoder and self.stage != "decoder":
             fail("--with-encoder belongs to --stage decoder (the other stages need the encoder as it is)")
+        if self.mse_weight and self.stage != "decoder":
+            fail("--mse-weight belongs to --stage decoder (the other stages' losses are in the latent space)")
         if self.stage == "decoder" and not self.unet:
             fail("--stage decoder needs --unet CHECKPOINT (the frozen SR model whose decoder to fine-tune)")
         if self.stage == "sr" and scratch and not (self.vae or self.teacher or self.init):
@@ -430,7 +434,10 @@ def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say, note) -
     def loss(head, batch, g, step, disc_ddp):
         x_rec = head(batch["lr"], g)
         disc_step = (lambda: discriminator_loss(disc_ddp, x_rec, batch["hr"])) if disc is not None else None
-        return decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight), {}, disc_step
+        loss = decoder_loss(x_rec, batch["hr"], lpips, disc, cfg.perceptual_weight, cfg.gan_weight)
+        if cfg.mse_weight:
+            loss = loss + cfg.mse_weight * (x_rec.float() - batch["hr"]).pow(2).mean()
+        return loss, {}, disc_step
 
     frozen = (() if cfg.with_encoder else (bundle.vae.encoder,)) + (() if cfg.with_unet else (bundle.unet,))
     return Stage(head, loss, bundle, None, disc, frozen, bundle.unet.config if cfg.with_unet else None,

@@ -418,9 +418,9 @@ def guided_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
 
 
 def decoder_fine_tune_stage(cfg: TrainConfig, device: torch.device, say, note) -> Stage:
-    """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN; with
-    --with-unet, the U-Net and the decoder together on the same loss, and with --with-encoder the encoder that reads
-    the LR image too (ours)."""
+    """The VAE decoder on the frozen one-step U-Net's output (YONOS-SR sec. 3.3): L1 + LPIPS + patch GAN, and
+    --mse-weight x the squared error (ours); with --with-unet, the U-Net and the decoder together on the same loss,
+    and with --with-encoder the encoder that reads the LR image too (ours)."""
     bundle = YonosSR.load(cfg.unet, device=device)
     cfg.scale = bundle.scale  # the decoder is tuned at the scale its U-Net was trained for
     head = decoder_stage(bundle, cfg.with_unet, cfg.with_encoder)
